@@ -1,0 +1,417 @@
+"""Model stage: a model spec -> a loaded timm model, its token layout and its own preprocessing config.
+
+A spec is a timm model name (``deit_small_distilled_patch16_224``), ``hf-hub:ORG/NAME`` or
+``local-dir:PATH`` (a folder with ``config.json`` and weights), optionally with a local weights file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from vitattn.errors import ModelError, UnsupportedModelError, UsageError, WeightsUnavailableError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+DEFAULT_MODEL = "deit_small_distilled_patch16_224"
+MODEL_SOURCES = ("hf-hub:", "local-dir:")
+_MAX_KEYS_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where each token sits in a block's sequence: prefix tokens first, then patches row-major.
+
+    Attributes:
+        roles: one name per prefix token, in sequence order: ``cls``, ``dist``, ``reg0``, ``reg1``...
+        patch_size: (height, width) of one patch in input pixels.
+    """
+
+    roles: tuple[str, ...]
+    patch_size: tuple[int, int]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return len(self.roles)
+
+    def index_of(self, role: str) -> int | None:
+        """Sequence index of the prefix token with this role, or None if the model has none."""
+        return self.roles.index(role) if role in self.roles else None
+
+    @property
+    def has_cls(self) -> bool:
+        return "cls" in self.roles
+
+    @property
+    def has_dist(self) -> bool:
+        return "dist" in self.roles
+
+    def grid_for(self, input_hw: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (rows, cols) for an input of this (height, width) in pixels."""
+        return input_hw[0] // self.patch_size[0], input_hw[1] // self.patch_size[1]
+
+
+@dataclass
+class LoadedModel:
+    """A timm model ready for attention capture, with everything needed to read its maps.
+
+    Attributes:
+        model: the timm model, in eval mode, on ``device``.
+        spec: the model spec as the user gave it.
+        weights: where the weights came from: ``pretrained``, a file path, or ``random``.
+        layout: the prefix-token layout.
+        data_config: the model's own preprocessing config (timm ``resolve_model_data_config``).
+        device: where the model runs.
+        labels: class names when known (ImageNet info or the model config's ``label_names``).
+        imagenet_head: True when the classifier is an ImageNet head (default top-k 5).
+    """
+
+    model: nn.Module
+    spec: str
+    weights: str
+    layout: TokenLayout
+    data_config: dict[str, Any]
+    device: torch.device
+    labels: list[str] | None = None
+    imagenet_head: bool = False
+    _transform: Any = field(default=None, repr=False)
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)  # type: ignore[arg-type]
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.model.blocks[0].attn.num_heads)  # type: ignore[index, union-attr]
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the model's input in pixels."""
+        _, h, w = self.data_config["input_size"]
+        return int(h), int(w)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.layout.grid_for(self.input_size)
+
+    @property
+    def transform(self) -> Any:
+        """The model's own timm evaluation transform (PIL RGB -> normalised tensor)."""
+        if self._transform is None:
+            from timm.data import create_transform
+
+            self._transform = create_transform(**self.data_config, is_training=False)
+        return self._transform
+
+    def resolve_block(self, block: int) -> int:
+        """A block index, negatives counting from the end, as a non-negative index."""
+        depth = self.depth
+        if not -depth <= block < depth:
+            raise UsageError(f"block {block} is out of range: this model has {depth} blocks (0..{depth - 1}, or -{depth}..-1)")
+        return block % depth
+
+    def resolve_heads(self, heads: list[int] | None) -> list[int]:
+        """Head indices to keep (all when None), validated against the model."""
+        n = self.num_heads
+        if heads is None:
+            return list(range(n))
+        bad = [h for h in heads if not 0 <= h < n]
+        if bad:
+            raise UsageError(f"head {bad[0]} is out of range: this model has {n} heads (0..{n - 1})")
+        return list(dict.fromkeys(heads))
+
+    def default_top_k(self) -> int:
+        if self.imagenet_head:
+            return 5
+        if self.labels and self.num_classes:
+            return min(5, self.num_classes)
+        return 0
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an unavailable device is a usage error."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {device}: MPS is not available on this machine (try --device cpu)")
+    return dev
+
+
+def token_layout(model: nn.Module, spec: str = "") -> TokenLayout:
+    """Read the prefix-token layout from the model itself; never assume offsets.
+
+    Raises:
+        UnsupportedModelError: the model is not a ViT-style model with global self-attention blocks,
+            or its prefix tokens cannot be accounted for.
+    """
+    name = spec or type(model).__name__
+    blocks = getattr(model, "blocks", None)
+    patch_embed = getattr(model, "patch_embed", None)
+    why = None
+    if blocks is None or patch_embed is None or not hasattr(model, "num_prefix_tokens"):
+        why = "it has no patch embedding followed by a stack of transformer blocks (model.blocks)"
+    elif not all(hasattr(getattr(b, "attn", None), "attn_drop") for b in blocks):
+        why = "its blocks do not run global multi-head self-attention over all tokens (e.g. windowed or convolutional attention)"
+    if why:
+        raise UnsupportedModelError(
+            f"{name} is not supported: {why}. vitattn works with ViT-style timm models (vit, deit, deit3, "
+            "flexivit, dinov2, beit, eva...); see `vitattn models`"
+        )
+    roles: list[str] = []
+    if getattr(model, "cls_token", None) is not None:
+        roles.append("cls")
+    if getattr(model, "dist_token", None) is not None:
+        roles.append("dist")
+    reg = getattr(model, "reg_token", None)
+    num_reg = int(reg.shape[1]) if reg is not None else 0
+    roles.extend(f"reg{i}" for i in range(num_reg))
+    num_prefix = int(model.num_prefix_tokens)  # type: ignore[arg-type]
+    if len(roles) != num_prefix:
+        raise UnsupportedModelError(
+            f"{name} is not supported: it has {num_prefix} prefix tokens but vitattn identified {len(roles)} "
+            f"({', '.join(roles) or 'none'})"
+        )
+    ps = patch_embed.patch_size  # type: ignore[union-attr]
+    patch_size = (int(ps[0]), int(ps[1])) if isinstance(ps, (tuple, list)) else (int(ps), int(ps))
+    return TokenLayout(roles=tuple(roles), patch_size=patch_size)
+
+
+def _suggest(name: str) -> str:
+    import timm
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else "; see `vitattn models`"
+
+
+def _hub_unreachable() -> str | None:
+    """A reason when the Hugging Face hub clearly cannot be reached (no DNS, no route), else None.
+
+    This avoids huggingface_hub's retries with back-off (about half a minute) on offline machines.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # a proxy may reach what DNS here cannot
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        with socket.create_connection((host, 443), timeout=3):
+            return None
+    except OSError as exc:
+        return f"cannot reach {host}: {exc.strerror or exc}"
+
+
+def _weights_unavailable(spec: str, reason: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"cannot fetch pretrained weights for {spec} ({reason}). Ways out: connect to the network "
+        "(weights come from the Hugging Face hub and are cached), pass --weights FILE with a local checkpoint, "
+        "or use -m local-dir:PATH with a downloaded model folder (or --no-pretrained for random weights)"
+    )
+
+
+def _is_cached(spec: str) -> bool:
+    """True when the default pretrained weights for this timm name are already in the local hub cache."""
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(spec)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        if not hub_id:
+            return False
+        return any(
+            isinstance(try_to_load_from_cache(hub_id, fname), str)
+            for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+        )
+    except Exception:
+        return False
+
+
+def _create(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import timm
+
+    if not spec.startswith(MODEL_SOURCES) and not timm.is_model(spec):
+        raise UsageError(f"unknown model {spec!r}{_suggest(spec)}")
+    if spec.startswith("local-dir:"):
+        folder = Path(spec.removeprefix("local-dir:"))
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"{spec}: no config.json in {folder} (a local-dir: model is a folder with config.json and weights)")
+    if pretrained and not spec.startswith("local-dir:") and not _is_cached(spec):
+        reason = _hub_unreachable()
+        if reason:
+            raise _weights_unavailable(spec, reason)
+    try:
+        model: nn.Module = timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except (OSError, ConnectionError) as exc:
+        if pretrained and not spec.startswith("local-dir:"):
+            raise _weights_unavailable(spec, str(exc).splitlines()[0][:200]) from exc
+        raise ModelError(f"cannot load {spec}: {exc}") from exc
+    except RuntimeError as exc:
+        raise ModelError(f"cannot create {spec}: {str(exc).splitlines()[0]}") from exc
+    return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load a local checkpoint into ``model``, strictly, naming what does not fit.
+
+    Accepts .safetensors and torch .pth/.pt/.bin files holding a state dict, optionally wrapped
+    (``state_dict``, ``model``, ``state_dict_ema``, ``model_ema``) and with ``module.`` prefixes.
+
+    Raises:
+        ModelError: the file cannot be read, or its keys or shapes do not fit the model.
+    """
+    from timm.models import load_state_dict
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelError(f"weights file {path}: no such file")
+    try:
+        state = load_state_dict(path, use_ema=True)
+    except Exception as exc:  # torch.load / safetensors raise many types for unreadable files
+        raise ModelError(f"weights file {path}: cannot read it ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise ModelError(f"weights file {path}: not a state dict of tensors")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        detail = "; ".join(lines[:_MAX_KEYS_SHOWN]) or str(exc).splitlines()[0]
+        raise ModelError(f"weights file {path} does not fit the model: {detail}") from exc
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
+            if keys:
+                more = f" (+{len(keys) - _MAX_KEYS_SHOWN} more)" if len(keys) > _MAX_KEYS_SHOWN else ""
+                parts.append(f"{len(keys)} {label} keys: {', '.join(keys[:_MAX_KEYS_SHOWN])}{more}")
+        raise ModelError(f"weights file {path} does not fit the model: {'; '.join(parts)}")
+
+
+def _labels(model: nn.Module) -> tuple[list[str] | None, bool]:
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("label_names")
+    if names and len(names) == num_classes:
+        return [str(n) for n in names], False
+    subset = infer_imagenet_subset(model) if num_classes else None
+    if subset:
+        info = ImageNetInfo(subset)
+        return [info.index_to_description(i) for i in range(num_classes)], True
+    return None, False
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    pretrained: bool = True,
+    device: str = "auto",
+    model_kwargs: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Load a ViT-style timm model for attention capture.
+
+    Args:
+        spec: a timm model name, ``hf-hub:ORG/NAME`` or ``local-dir:PATH``.
+        weights: a local checkpoint to load instead of the pretrained weights.
+        pretrained: fetch the pretrained weights (ignored when ``weights`` is given). False gives random
+            weights, whose maps are meaningless but exercise every code path.
+        device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size=384`` for models that allow it).
+
+    Raises:
+        UsageError: unknown model name or unavailable device.
+        UnsupportedModelError: not a ViT-style model.
+        WeightsUnavailableError: pretrained weights cannot be fetched (offline).
+        ModelError: weights that cannot be read or do not fit.
+    """
+    dev = resolve_device(device)
+    use_pretrained = pretrained and weights is None
+    model = _create(spec, pretrained=use_pretrained, **(model_kwargs or {}))
+    layout = token_layout(model, spec)
+    if weights is not None:
+        load_weights(model, weights)
+        source = os.fspath(weights)
+    else:
+        source = "pretrained" if use_pretrained else "random"
+    from timm.data import resolve_model_data_config
+
+    model.eval().to(dev)
+    labels, imagenet = _labels(model)
+    return LoadedModel(
+        model=model,
+        spec=spec,
+        weights=source,
+        layout=layout,
+        data_config=dict(resolve_model_data_config(model)),
+        device=dev,
+        labels=labels,
+        imagenet_head=imagenet,
+    )
+
+
+def describe(loaded: LoadedModel) -> dict[str, Any]:
+    """Everything ``vitattn info`` shows, as plain JSON-able data."""
+    cfg = loaded.data_config
+    layout = loaded.layout
+    gh, gw = loaded.grid
+    return {
+        "model": loaded.spec,
+        "architecture": type(loaded.model).__name__,
+        "depth": loaded.depth,
+        "heads": loaded.num_heads,
+        "embed_dim": int(getattr(loaded.model, "embed_dim", 0) or 0),
+        "prefix_tokens": [{"index": i, "role": r} for i, r in enumerate(layout.roles)],
+        "patch_size": list(layout.patch_size),
+        "grid": [gh, gw],
+        "tokens": layout.num_prefix_tokens + gh * gw,
+        "input_size": list(cfg["input_size"]),
+        "mean": [round(float(x), 6) for x in cfg["mean"]],
+        "std": [round(float(x), 6) for x in cfg["std"]],
+        "interpolation": cfg.get("interpolation"),
+        "crop_pct": cfg.get("crop_pct"),
+        "crop_mode": cfg.get("crop_mode", "center"),
+        "num_classes": loaded.num_classes,
+        "default_query": "cls" if layout.has_cls else "patch-mean",
+    }
+
+
+def supported_models(pattern: str = "") -> list[str]:
+    """timm model names (optionally matching a wildcard ``pattern``) that vitattn can handle.
+
+    Decided from the architecture's constructor without building each model: families built on
+    timm's ViT-style classes with global attention blocks.
+    """
+    import timm
+
+    families = ("vision_transformer", "deit", "beit", "eva", "vision_transformer_relpos")
+    names: list[str] = []
+    for module in families:
+        names.extend(timm.list_models(pattern or "*", module=module))
+    return sorted(set(names))
