@@ -1,0 +1,5 @@
+"""``python -m vitattn``."""
+
+from vitattn.cli import main
+
+main()

@@ -1,0 +1,350 @@
+"""The ``vitattn`` command: parse options, call the library, report. No logic of its own.
+
+Stdout carries only data (output folders, or JSON lines with ``--json``); progress, warnings and errors go
+to stderr. Errors become one line and an exit code here, in :func:`main`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+from vitattn import __version__
+from vitattn.errors import ExitCode, UsageError, VitattnError, display_path
+
+if TYPE_CHECKING:
+    from vitattn.pipeline import Outcome
+
+DEFAULT_MODEL = "deit_small_distilled_patch16_224"  # = vitattn.models.DEFAULT_MODEL, kept here for a fast --help
+
+app = typer.Typer(
+    name="vitattn",
+    help="See where a Vision Transformer looks: exact per-head attention heatmaps for timm ViTs.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that clean-up code runs."""
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vitattn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """See where a Vision Transformer looks."""
+
+
+def _err(message: str, kind: str = "error") -> None:
+    sys.stderr.write(f"vitattn: {kind}: {message}\n")
+    sys.stderr.flush()
+
+
+def _parse_ints(text: str | None, what: str) -> list[int] | None:
+    if text is None or text.strip().lower() == "all":
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(f"--{what} {text!r}: expected comma-separated integers, e.g. 0,3,5") from None
+
+
+def _parse_blocks(values: list[str] | None, depth: int) -> list[int]:
+    if not values:
+        return [-1]
+    blocks: list[int] = []
+    for value in values:
+        if value.strip().lower() == "all":
+            blocks.extend(range(depth))
+            continue
+        parsed = _parse_ints(value, "block")
+        blocks.extend(parsed or [])
+    return blocks
+
+
+class _Progress:
+    """A one-line progress counter on stderr, only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.counts = {"ok": 0, "skipped": 0, "error": 0}
+
+    def update(self, status: str) -> None:
+        self.counts[status] += 1
+        if self.enabled:
+            done = sum(self.counts.values())
+            rate = done / max(1e-9, time.monotonic() - self.start)
+            sys.stderr.write(f"\r{done} done, {self.counts['error']} failed, {rate:.1f} img/s ")
+            sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+
+    def summary(self) -> str:
+        c = self.counts
+        return f"processed {c['ok']}, skipped {c['skipped']}, failed {c['error']} (of {sum(c.values())})"
+
+
+def _emit(line: str) -> None:
+    """Write one data line to stdout, keeping undecodable path bytes as they were."""
+    sys.stdout.buffer.write(os.fsencode(line) + b"\n")
+    sys.stdout.buffer.flush()
+
+
+def _report(outcome: Outcome, *, as_json: bool, progress: _Progress) -> None:
+    from vitattn.outputs import json_line
+
+    progress.clear()
+    for warning in outcome.warnings:
+        _err(f"{display_path(outcome.item.path)}: {warning}", "warning")
+    if outcome.error is not None:
+        _err(str(outcome.error))
+    if as_json:
+        _emit(json_line(outcome.record))
+    elif outcome.folder is not None and outcome.status in ("ok", "skipped"):
+        _emit(os.fspath(outcome.folder))
+    progress.update(outcome.status)
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@app.command(no_args_is_help=False)
+def heatmap(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Image files, folders, or - to read paths from stdin (also when none are given and stdin is a pipe).",
+            show_default=False,
+        ),
+    ] = None,
+    recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Descend into sub-folders.")] = False,
+    null: Annotated[bool, typer.Option("-0", "--null", help="Paths on stdin are NUL-separated (find -print0).")] = False,
+    model: Annotated[
+        str, typer.Option("-m", "--model", help="timm model name, hf-hub:ORG/NAME or local-dir:PATH.")
+    ] = DEFAULT_MODEL,
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="Local checkpoint (.safetensors, .pth, .pt, .bin).", show_default=False)
+    ] = None,
+    no_pretrained: Annotated[
+        bool, typer.Option("--no-pretrained", help="Random weights (the maps are meaningless; for testing).")
+    ] = False,
+    block: Annotated[
+        list[str] | None,
+        typer.Option("-b", "--block", help="Block index; negatives count from the end. Repeat or use 3,11 or all.", show_default="-1"),
+    ] = None,
+    heads: Annotated[str | None, typer.Option("--heads", help="Heads to draw, e.g. 0,3,5.", show_default="all")] = None,
+    query: Annotated[
+        str | None,
+        typer.Option(
+            "--query",
+            help="Whose attention: cls, dist, patch-mean, or patch:R,C.",
+            show_default="cls, or patch-mean without a class token",
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("vitattn-out"),
+    npy: Annotated[bool, typer.Option("--npy", help="Also write block{B}_attn.npy (heads, grid_h, grid_w).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per input on stdout.")] = False,
+    cmap: Annotated[str, typer.Option("--cmap", help="Any matplotlib colormap.")] = "inferno",
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.6,
+    max_side: Annotated[
+        int, typer.Option("--max-side", min=0, help="Long side of written overlays in pixels (0: original size).")
+    ] = 512,
+    shared_scale: Annotated[
+        bool, typer.Option("--shared-scale", help="One colour scale across heads (default: each head its own).")
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda[:N], mps.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 16,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", min=0, help="Predictions to report (0: none; the forward pass then stops early).", show_default="5 for an ImageNet head"),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Overlay format: png, jpg or webp.")] = "png",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast).")] = "fp32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo inputs whose outputs exist.")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed input.")] = False,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option("--max-pixels", min=0, help="Largest picture accepted, in pixels (0: no limit).", show_default="Pillow's limit, about 89.5 M"),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Draw the attention of one block's heads over each picture."""
+    params = dict(locals())
+    if not inputs:
+        if _stdin_is_terminal():
+            ctx = typer.get_current_context()
+            typer.echo(ctx.get_help(), err=True)
+            raise typer.Exit(ExitCode.USAGE)
+        params["inputs"] = ["-"]
+    _run_guarded(debug, lambda: _heatmap(**params))
+
+
+def _heatmap(**o: Any) -> int:
+    from vitattn.attention import resolve_settings
+    from vitattn.inputs import DEFAULT_MAX_PIXELS, iter_inputs
+    from vitattn.models import load_model
+    from vitattn.outputs import prepare_out_root
+    from vitattn.pipeline import FORMATS, RenderOptions, Runner, RunOptions
+
+    fmt = o["fmt"].lower().replace("jpeg", "jpg")
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {o['fmt']}: use png, jpg or webp")
+    out: Path = o["out"]
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    heads = _parse_ints(o["heads"], "heads")
+    if o["weights"] is not None and o["no_pretrained"]:
+        raise UsageError("--weights and --no-pretrained contradict each other")
+    loaded = load_model(o["model"], weights=o["weights"], pretrained=not o["no_pretrained"], device=o["device"])
+    if loaded.weights == "random":
+        _err("--no-pretrained: random weights, so the maps are meaningless (useful for testing only)", "warning")
+    settings = resolve_settings(
+        loaded,
+        blocks=_parse_blocks(o["block"], loaded.depth),
+        query=o["query"],
+        heads=heads,
+        top_k=o["top_k"],
+        precision=o["precision"],
+    )
+    render = RenderOptions(
+        out=out,
+        cmap=o["cmap"],
+        alpha=o["alpha"],
+        max_side=o["max_side"],
+        shared_scale=o["shared_scale"],
+        npy=o["npy"],
+        format=fmt,
+    )
+    max_pixels = DEFAULT_MAX_PIXELS if o["max_pixels"] is None else (o["max_pixels"] or None)
+    runner = Runner(
+        loaded,
+        settings,
+        render,
+        RunOptions(batch_size=o["batch_size"], overwrite=o["overwrite"], fail_fast=o["fail_fast"], max_pixels=max_pixels),
+    )
+    prepare_out_root(out)
+    stdin = sys.stdin.buffer if "-" in o["inputs"] and sys.stdin is not None else None
+    items = iter_inputs(o["inputs"], recursive=o["recursive"], null_separated=o["null"], stdin=stdin, exclude=[out])
+    progress = _Progress()
+    try:
+        for outcome in runner.run(items):
+            _report(outcome, as_json=o["as_json"], progress=progress)
+    finally:
+        progress.clear()
+        sys.stderr.write(progress.summary() + "\n")
+    return ExitCode.INPUT_FAILED if progress.counts["error"] else ExitCode.OK
+
+
+def _run_guarded(debug: bool, call: Any) -> NoReturn:
+    """Run ``call``; turn every error into one stderr line and the exit code (the one place this happens)."""
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        code = call()
+    except VitattnError as exc:
+        if debug:
+            raise
+        _err(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted", "error")
+        code = ExitCode.INTERRUPTED
+    except Terminated:
+        _err("terminated", "error")
+        code = ExitCode.TERMINATED
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head -1`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    raise typer.Exit(code)
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="timm model name, hf-hub:ORG/NAME or local-dir:PATH.")] = DEFAULT_MODEL,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Show a model's depth, heads, token layout, patch grid and preprocessing (no weights needed)."""
+
+    def call() -> int:
+        import json
+
+        from vitattn.models import describe, load_model
+
+        d = describe(load_model(model, pretrained=False, device="cpu"))
+        if as_json:
+            typer.echo(json.dumps(d))
+            return ExitCode.OK
+        roles = ", ".join(f"{p['index']}:{p['role']}" for p in d["prefix_tokens"]) or "none"
+        lines = [
+            f"model          {d['model']} ({d['architecture']})",
+            f"depth          {d['depth']} blocks, {d['heads']} heads, width {d['embed_dim']}",
+            f"prefix tokens  {len(d['prefix_tokens'])} ({roles}), then {d['grid'][0]}×{d['grid'][1]} patches",
+            f"patch size     {d['patch_size'][0]}×{d['patch_size'][1]}",
+            f"input size     {d['input_size'][1]}×{d['input_size'][2]}",
+            f"mean / std     {d['mean']} / {d['std']}",
+            f"interpolation  {d['interpolation']}, crop_pct {d['crop_pct']}, crop_mode {d['crop_mode']}",
+            f"classes        {d['num_classes']}",
+            f"default query  {d['default_query']}",
+        ]
+        typer.echo("\n".join(lines))
+        return ExitCode.OK
+
+    _run_guarded(debug, call)
+
+
+@app.command()
+def models(
+    pattern: Annotated[str, typer.Argument(help="Wildcard filter, e.g. '*dinov2*'.")] = "",
+) -> None:
+    """List the timm models vitattn supports."""
+
+    def call() -> int:
+        from vitattn.models import supported_models
+
+        names = supported_models(pattern)
+        for name in names:
+            _emit(name)
+        if not names:
+            _err(f"no supported model matches {pattern!r}", "warning")
+        return ExitCode.OK
+
+    _run_guarded(False, call)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    if sys.stderr is not None and hasattr(sys.stderr, "reconfigure"):
+        sys.stderr.reconfigure(errors="backslashreplace")
+    app()

@@ -1,0 +1,179 @@
+"""Write stage: output names, atomic writes, JSON records and resume.
+
+Layout (B is the non-negative block index; EXT the overlay format)::
+
+    OUT/<rel>/block{B}_head{H}.EXT   one overlay per head
+    OUT/<rel>/block{B}_mean.EXT      the head mean
+    OUT/<rel>/block{B}_grid.EXT      photo + every head + mean, labelled
+    OUT/<rel>/block{B}_attn.npy      with --npy: float32 (heads, grid_h, grid_w)
+    OUT/<rel>/meta.json              written last: an input is done when it is in place
+
+Every file goes to a temporary name in its folder and is renamed into place, so a folder never holds a
+half-written file. A rerun skips inputs whose meta.json records the same settings.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from vitattn.errors import InputError, OutputError, Reason
+
+META = "meta.json"
+TMP_MARK = ".vitattn-tmp-"
+_FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+_counter = itertools.count()
+_counter_lock = threading.Lock()
+
+
+def head_name(block: int, head: int, ext: str) -> str:
+    return f"block{block}_head{head}.{ext}"
+
+
+def mean_name(block: int, ext: str) -> str:
+    return f"block{block}_mean.{ext}"
+
+
+def grid_name(block: int, ext: str) -> str:
+    return f"block{block}_grid.{ext}"
+
+
+def npy_name(block: int) -> str:
+    return f"block{block}_attn.npy"
+
+
+def _tmp_path(path: Path) -> Path:
+    with _counter_lock:
+        n = next(_counter)
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{n}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` for a temporary name next to ``path``, then rename it into place.
+
+    Raises:
+        OutputError: the disk is full or read-only (fatal for the run).
+        OSError: any other write failure (the caller decides whether it is per input).
+    """
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with _suppress_os():
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in _FATAL_ERRNOS:
+            raise OutputError(f"cannot write {path}: {os.strerror(exc.errno or 0)}") from exc
+        raise
+
+
+class _suppress_os:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, *args: object) -> bool:
+        return exc_type is not None and issubclass(exc_type, OSError)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
+def write_json(path: Path, obj: Any, *, sync: bool = False) -> None:
+    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def write_npy(path: Path, array: Any) -> None:
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # an open file: np.save would append .npy to a bare name
+            np.save(f, array)
+
+    atomic_write(path, write)
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove temporary files a killed run left in ``folder``."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if TMP_MARK in entry.name and entry.is_file(follow_symlinks=False):
+            with _suppress_os():
+                os.unlink(entry.path)
+
+
+def prepare_out_root(out: Path) -> None:
+    """Create the output folder, or fail the whole run clearly if it is unusable."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {out} is not writable")
+
+
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    """The folder's meta.json, or None when absent or unreadable (an incomplete result)."""
+    try:
+        with open(folder / META, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8", "surrogateescape"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def resume_state(folder: Path, settings: dict[str, Any], *, overwrite: bool, path: str) -> str:
+    """Decide what to do with an input whose outputs go to ``folder``.
+
+    Returns:
+        ``skip`` (done before with the same settings) or ``run``.
+
+    Raises:
+        InputError: complete results with other settings exist and ``overwrite`` is off.
+    """
+    meta = read_meta(folder)
+    if meta is None:
+        return "run"
+    if meta.get("settings") == settings and not overwrite:
+        return "skip"
+    if overwrite:
+        return "run"
+    raise InputError(path, Reason.OUTPUTS_EXIST, None)
+
+
+def remove_files(folder: Path, names: Iterable[str]) -> None:
+    """Remove files listed by an older result that the new one does not have."""
+    for name in names:
+        if "/" in name or name in ("", ".", ".."):
+            continue
+        with _suppress_os():
+            (folder / name).unlink()
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSON record per line (non-UTF-8 path bytes survive as \\udcXX escapes)."""
+    return json.dumps(record, ensure_ascii=True, separators=(", ", ": "))
