@@ -1,0 +1,781 @@
+"""Find the inputs of a run and load each one as an upright RGB picture.
+
+Two stages, both free of torch so that they stay cheap to import:
+
+* :func:`iter_inputs` turns the command-line sources (files, folders, ``-`` for a list of
+  paths on stdin) into a lazy stream of :class:`InputItem`, each with a unique relative
+  output name. Problems found at this stage (a missing file, a symlink loop, a FIFO, an
+  unreadable folder) become items that carry an :class:`~vitattn.errors.InputError`; the
+  generator itself never raises for one bad path and never blocks on a special file.
+* :func:`load_image` opens one file defensively (regular-file check before any read,
+  a restricted set of formats, a pixel limit checked on the header, forced decoding,
+  CRC verification for PNG) and converts it to 8-bit RGB *correctly*: transparency is
+  composited over :data:`BACKGROUND`, 16-bit and float pictures are scaled instead of
+  clipped, and EXIF orientation is applied. Every failure is an ``InputError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import stat
+import sys
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vitattn.errors import InputError, Reason
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "BACKGROUND",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "InputItem",
+    "LoadedImage",
+    "iter_inputs",
+    "load_image",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"})
+"""File extensions (lower case, no dot) that a folder scan picks up, matched case-insensitively."""
+
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+"""Pillow format names :func:`load_image` accepts. Nothing that runs an external program (EPS, PDF)."""
+
+DEFAULT_MAX_PIXELS: int = 1024 * 1024 * 1024 // 4 // 3
+"""Pillow's default decompression-bomb limit (89,478,485 pixels, about 89.5 MP)."""
+
+BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+"""Transparent pixels are composited over this colour (white)."""
+
+_JPEG_FORMATS = ("JPEG", "MPO")  # Pillow reports a multi-picture JPEG (many cameras) as MPO
+_ROTATING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+_ORIENTATION_TAG = 0x0112
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
+_TRANSPARENCY_KEY_MODES = frozenset({"L", "RGB", "P"})  # modes whose info["transparency"] Pillow applies
+_INT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_STDIN_CHUNK = 64 * 1024
+_DETAIL_MAX = 200
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input of a run.
+
+    Attributes:
+        path: Filesystem path as given or as found by a scan (may hold surrogate escapes for
+            file names that are not valid UTF-8; ``os.fsencode`` restores the bytes).
+        rel: POSIX relative output name, unique within the run (``cats/tom.jpg``); the outputs
+            of this input go to ``OUT/<rel>/``. Never empty, ``.``, ``..`` or absolute.
+        error: A failure already known at discovery time, or None.
+    """
+
+    path: str
+    rel: str
+    error: InputError | None = None
+
+
+def iter_inputs(
+    sources: Sequence[str],
+    *,
+    recursive: bool = False,
+    null_separated: bool = False,
+    stdin: BinaryIO | None = None,
+    exclude: Sequence[str | os.PathLike[str]] = (),
+) -> Iterator[InputItem]:
+    """Yield the inputs named by ``sources``, lazily and in a deterministic order.
+
+    A source is an image file (taken whatever its extension), a folder (its files with an
+    extension in :data:`IMAGE_EXTENSIONS`, sorted by name, descending into sub-folders when
+    ``recursive``; hidden entries, whose name starts with ``.``, are skipped), or ``-`` for a
+    list of paths read incrementally from ``stdin`` (newline- or NUL-separated; a path in
+    that list is never expanded as a folder).
+
+    Nothing here raises for a bad path: a missing file, a dangling symlink, a symlink loop,
+    a folder listed on stdin, a FIFO/socket/device or an unreadable folder becomes an item
+    whose ``error`` says why. Directory symlinks met during a recursive scan are followed,
+    but one leading back to an enclosing folder is reported once as a symlink loop.
+
+    Args:
+        sources: Command-line sources, in order.
+        recursive: Descend into sub-folders of folder sources.
+        null_separated: The stdin list is NUL-separated (``find -print0``) instead of
+            newline-separated.
+        stdin: Binary stream for ``-``; defaults to ``sys.stdin.buffer``.
+        exclude: Folders (typically the run's output folder) whose contents are never
+            yielded, whether found by a scan or named.
+
+    Yields:
+        One :class:`InputItem` per distinct input. A file reached twice (same resolved path)
+        is yielded once; ``rel`` names are made unique by appending ``~2``, ``~3``... to the
+        clashing component, in input order.
+    """
+    finder = _Finder(recursive=recursive, exclude=exclude)
+    for source in sources:
+        if source == "-":
+            stream = stdin if stdin is not None else sys.stdin.buffer
+            separator = b"\0" if null_separated else b"\n"
+            for entry in _read_entries(stream, separator):
+                yield from finder.listed(entry)
+        else:
+            yield from finder.named(source)
+
+
+def _read_entries(stream: BinaryIO, separator: bytes) -> Iterator[str]:
+    """Split a binary stream into paths, reading only as much as each path needs.
+
+    Uses ``read1`` when the stream has it, so a pipe is consumed as data arrives rather
+    than in full buffers. Empty entries are ignored; in newline mode a trailing ``\\r`` is
+    dropped (lists written on Windows).
+    """
+    read = getattr(stream, "read1", None) or stream.read
+    pending: list[bytes] = []
+    while True:
+        chunk: bytes = read(_STDIN_CHUNK)
+        if not chunk:
+            break
+        pieces = chunk.split(separator)
+        for piece in pieces[:-1]:
+            pending.append(piece)
+            entry = _finish_entry(b"".join(pending), separator)
+            pending.clear()
+            if entry is not None:
+                yield entry
+        pending.append(pieces[-1])
+    entry = _finish_entry(b"".join(pending), separator)
+    if entry is not None:
+        yield entry
+
+
+def _finish_entry(raw: bytes, separator: bytes) -> str | None:
+    if separator == b"\n" and raw.endswith(b"\r"):
+        raw = raw[:-1]
+    return os.fsdecode(raw) if raw else None
+
+
+@dataclass
+class _Frame:
+    """A folder being scanned: where it is and what is left to look at."""
+
+    path: str
+    rel: str
+    real: str
+    ident: tuple[int, int]
+    entries: Iterator[os.DirEntry[str]]
+
+
+class _Finder:
+    """The state of one :func:`iter_inputs` call: what was seen, which names are taken."""
+
+    def __init__(self, *, recursive: bool, exclude: Sequence[str | os.PathLike[str]]) -> None:
+        self.recursive = recursive
+        self.excluded = tuple(os.path.realpath(os.fspath(folder)) for folder in exclude)
+        self.seen: set[str] = set()
+        self.scanned_dirs: set[tuple[int, int]] = set()
+        self.names = _RelNames()
+
+    # -- the three kinds of source ------------------------------------------------------------
+
+    def named(self, path: str) -> Iterator[InputItem]:
+        """A path given on the command line: a file, a folder to scan, or an error."""
+        rel = _sanitize_rel(os.path.basename(path.rstrip("/" + (os.altsep or ""))))
+        if "\0" in path:
+            yield from self._emit("nul:" + path, path, rel, _nul_error(path))
+            return
+        real = os.path.realpath(path)
+        if self._is_excluded(real):
+            return
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            yield from self._emit(real, path, rel, _discovery_error(path, exc))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            yield from self._scan(path, real, st)
+        elif stat.S_ISREG(st.st_mode):
+            yield from self._emit(real, path, rel, None)
+        else:
+            yield from self._emit(real, path, rel, _not_regular(path, st.st_mode))
+
+    def listed(self, path: str) -> Iterator[InputItem]:
+        """A path read from stdin: a file or an error (a folder is an error here)."""
+        rel = _sanitize_rel(path)
+        if "\0" in path:
+            yield from self._emit("nul:" + path, path, rel, _nul_error(path))
+            return
+        real = os.path.realpath(path)
+        if self._is_excluded(real):
+            return
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            yield from self._emit(real, path, rel, _discovery_error(path, exc))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            error: InputError | None = InputError(path, Reason.IS_DIRECTORY)
+        elif stat.S_ISREG(st.st_mode):
+            error = None
+        else:
+            error = _not_regular(path, st.st_mode)
+        yield from self._emit(real, path, rel, error)
+
+    def _scan(self, root: str, root_real: str, root_st: os.stat_result) -> Iterator[InputItem]:
+        """Scan a folder source, one directory listing at a time (depth first, sorted)."""
+        ident = (root_st.st_dev, root_st.st_ino)
+        if ident in self.scanned_dirs:
+            return
+        self.scanned_dirs.add(ident)
+        root_rel = _sanitize_rel(os.path.basename(root.rstrip("/" + (os.altsep or ""))))
+        listing = _list_dir(root)
+        if isinstance(listing, OSError):
+            yield from self._emit("dir:" + root_real, root, root_rel, _discovery_error(root, listing))
+            return
+        stack = [_Frame(root, "", root_real, ident, iter(listing))]
+        ancestors = {ident}
+        while stack:
+            frame = stack[-1]
+            entry = next(frame.entries, None)
+            if entry is None:
+                stack.pop()
+                ancestors.discard(frame.ident)
+                continue
+            name = entry.name
+            if name.startswith("."):
+                continue
+            rel = f"{frame.rel}/{name}" if frame.rel else name
+            is_link = _is_symlink(entry)
+            real = os.path.realpath(entry.path) if is_link else os.path.join(frame.real, name)
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not self.recursive or self._is_excluded(real):
+                    continue
+                try:
+                    st = entry.stat()
+                except OSError as exc:
+                    yield from self._emit("dir:" + real, entry.path, rel, _discovery_error(entry.path, exc))
+                    continue
+                child = (st.st_dev, st.st_ino)
+                if child in ancestors:
+                    error = InputError(entry.path, Reason.SYMLINK_LOOP, "leads back to an enclosing folder")
+                    loop_key = "loop:" + os.path.join(frame.real, name)
+                    yield from self._emit(loop_key, entry.path, rel, error)
+                    continue
+                if child in self.scanned_dirs:
+                    continue  # already scanned through another path: its files are all seen
+                self.scanned_dirs.add(child)
+                listing = _list_dir(entry.path)
+                if isinstance(listing, OSError):
+                    error = _discovery_error(entry.path, listing)
+                    yield from self._emit("dir:" + real, entry.path, rel, error)
+                    continue
+                stack.append(_Frame(entry.path, rel, real, child, iter(listing)))
+                ancestors.add(child)
+                continue
+            if not _has_image_extension(name) or self._is_excluded(real):
+                continue
+            try:
+                is_file = entry.is_file()
+            except OSError:
+                is_file = False
+            if is_file:
+                yield from self._emit(real, entry.path, rel, None)
+                continue
+            try:  # not a folder, not a regular file: find out why
+                st = os.stat(entry.path)
+            except OSError as exc:
+                yield from self._emit(real, entry.path, rel, _discovery_error(entry.path, exc))
+            else:
+                yield from self._emit(real, entry.path, rel, _not_regular(entry.path, st.st_mode))
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _emit(self, key: str, path: str, rel: str, error: InputError | None) -> Iterator[InputItem]:
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        yield InputItem(path, self.names.claim(rel), error)
+
+    def _is_excluded(self, real: str) -> bool:
+        for folder in self.excluded:
+            if real == folder or real.startswith(folder.rstrip(os.sep) + os.sep):
+                return True
+        return False
+
+
+def _list_dir(path: str) -> list[os.DirEntry[str]] | OSError:
+    """One folder's entries sorted by their bytes (``LC_ALL=C ls`` order), or the error."""
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda entry: os.fsencode(entry.name))
+    except OSError as exc:
+        return exc
+
+
+def _is_symlink(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:
+        return False
+
+
+def _has_image_extension(name: str) -> bool:
+    stem, dot, ext = name.rpartition(".")
+    return bool(dot and stem) and ext.lower() in IMAGE_EXTENSIONS
+
+
+def _sanitize_rel(path: str) -> str:
+    """A path as a safe relative POSIX name: no root, no ``.``, ``..`` becomes ``__``, NUL ``_``."""
+    path = path.replace("\0", "_")
+    if os.sep != "/":
+        path = path.replace(os.sep, "/")
+    if os.altsep and os.altsep != "/":
+        path = path.replace(os.altsep, "/")
+    parts = ["__" if part == ".." else part for part in path.split("/") if part not in ("", ".")]
+    return "/".join(parts) or "_"
+
+
+class _RelNames:
+    """Hands out unique output names.
+
+    Two names clash when they are equal ignoring case (the output may live on a
+    case-insensitive filesystem), or when one would be a folder *inside* the other's output
+    folder (``tom.jpg`` and ``tom.jpg/a.png``). The later one gets ``~2``, ``~3``... on the
+    clashing component.
+    """
+
+    def __init__(self) -> None:
+        self._leaves: set[str] = set()
+        self._dirs: set[str] = set()
+
+    def claim(self, rel: str) -> str:
+        parts = rel.split("/")
+        done: list[str] = []
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            candidate, counter = part, 1
+            while True:
+                key = "/".join([*done, candidate]).lower()
+                clash = key in self._leaves or (last and key in self._dirs)
+                if not clash:
+                    break
+                counter += 1
+                candidate = f"{part}~{counter}"
+            done.append(candidate)
+        for index in range(1, len(done)):
+            self._dirs.add("/".join(done[:index]).lower())
+        result = "/".join(done)
+        self._leaves.add(result.lower())
+        return result
+
+
+def _discovery_error(path: str, exc: OSError) -> InputError:
+    return InputError(path, *_os_reason(exc, Reason.NO_SUCH_FILE))
+
+
+def _os_reason(exc: OSError, default: str) -> tuple[str, str | None]:
+    """The closest :class:`Reason` (and a detail when the reason alone says too little)."""
+    known = {
+        errno.ENOENT: Reason.NO_SUCH_FILE,
+        errno.ENOTDIR: Reason.NO_SUCH_FILE,
+        errno.ELOOP: Reason.SYMLINK_LOOP,
+        errno.EACCES: Reason.PERMISSION,
+        errno.EPERM: Reason.PERMISSION,
+        errno.EISDIR: Reason.IS_DIRECTORY,
+    }
+    if exc.errno in known:
+        return known[exc.errno], None
+    return default, exc.strerror or type(exc).__name__
+
+
+def _nul_error(path: str) -> InputError:
+    return InputError(path, Reason.NO_SUCH_FILE, "the name contains a NUL byte")
+
+
+def _not_regular(path: str, mode: int) -> InputError:
+    if stat.S_ISFIFO(mode):
+        kind = "a FIFO"
+    elif stat.S_ISSOCK(mode):
+        kind = "a socket"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = "a device"
+    else:
+        kind = None
+    return InputError(path, Reason.NOT_REGULAR, kind)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedImage:
+    """A decoded input, ready for preprocessing.
+
+    Attributes:
+        image: Mode ``RGB``, upright (EXIF orientation applied), first frame only.
+        format: Pillow format name (``JPEG``, ``PNG``...; ``MPO`` for a multi-picture JPEG).
+        warnings: Things worth telling the user that did not stop the load, such as
+            ``multi-frame file: using the first of 12 frames`` or ``bad EXIF data ignored``.
+    """
+
+    image: Image.Image
+    format: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_image(
+    path: str,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_size: tuple[int, int] | None = None,
+) -> LoadedImage:
+    """Load one picture as upright 8-bit RGB, or explain exactly why not.
+
+    The file is checked with ``stat`` first (so a FIFO never blocks), opened with the
+    formats in :data:`ALLOWED_FORMATS` only, its header size checked against ``max_pixels``
+    before anything is decoded, PNG chunk CRCs verified, and the data decoded in full.
+    Conversion to RGB is numerically careful: alpha (including palette transparency) is
+    composited over :data:`BACKGROUND`; 16-bit pictures are scaled (65535 → 255); float
+    pictures in [0, 1] are scaled to [0, 255] (other ranges are min-max scaled, with a
+    warning); the first frame of a multi-frame file is used (with a warning).
+
+    Args:
+        path: File to load; errors carry it exactly as given.
+        max_pixels: Largest width × height accepted; None for no limit. Pillow's
+            decompression-bomb warning counts as an error.
+        min_size: ``(width, height)`` the caller needs at least (in upright orientation).
+            A JPEG is then decoded at the smallest 1/2, 1/4 or 1/8 scale that is still at
+            least this big on both sides, which is much faster for large photos.
+
+    Returns:
+        The picture, its format and any warnings.
+
+    Raises:
+        InputError: For any problem with this one file. ``KeyboardInterrupt``,
+            ``SystemExit`` and ``MemoryError`` are never turned into an ``InputError``.
+    """
+    _stat_regular(path)
+    notes: list[str] = []
+    try:
+        with _open_regular(path) as fp, _pillow_guard(max_pixels) as caught:
+            image, fmt = _decode(path, fp, max_pixels, min_size, notes)
+        notes.extend(note for note in _warning_notes(caught) if note not in notes)
+    except (InputError, MemoryError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(path, Reason.TOO_LARGE, _bomb_detail(str(exc), max_pixels)) from exc
+    except EOFError as exc:
+        raise InputError(path, Reason.TRUNCATED, _exc_detail(exc)) from exc
+    except OSError as exc:
+        if exc.errno is not None:
+            raise InputError(path, *_os_reason(exc, Reason.CORRUPT)) from exc
+        reason = Reason.TRUNCATED if "truncated" in str(exc).lower() else Reason.CORRUPT
+        raise InputError(path, reason, _exc_detail(exc)) from exc
+    except Exception as exc:  # Pillow raises many types (ValueError, SyntaxError, struct.error...)
+        raise InputError(path, Reason.CORRUPT, _exc_detail(exc)) from exc
+    return LoadedImage(image, fmt, notes)
+
+
+def _stat_regular(path: str) -> None:
+    if "\0" in path:
+        raise _nul_error(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise InputError(path, *_os_reason(exc, Reason.NO_SUCH_FILE)) from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(path, Reason.IS_DIRECTORY)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    if st.st_size == 0:
+        raise InputError(path, Reason.EMPTY_FILE)
+
+
+@contextlib.contextmanager
+def _open_regular(path: str) -> Iterator[BinaryIO]:
+    """Open for reading without ever blocking, and re-check it is a regular file.
+
+    ``O_NONBLOCK`` plus ``fstat`` closes the window between the ``stat`` check and the open
+    (a file swapped for a FIFO); it has no effect on regular files.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise InputError(path, *_os_reason(exc, Reason.CORRUPT)) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        fp = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fp:
+        yield fp
+
+
+_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_guard(max_pixels: int | None) -> Iterator[list[warnings.WarningMessage]]:
+    """Collect Pillow's warnings, make the decompression-bomb one an error, lift Pillow's limit.
+
+    Warnings are recorded (not printed) so that they reach the user as
+    :attr:`LoadedImage.warnings`, next to the file they concern. Our own check of the header
+    size (:func:`_check_pixels`) is authoritative; Pillow's global ``Image.MAX_IMAGE_PIXELS``
+    is only raised, under a lock and for the duration of this load, when the caller allows
+    more than it, and is restored afterwards.
+
+    Note: before Python 3.14, ``warnings.catch_warnings`` swaps process-wide state, so
+    warnings raised by other threads during a load may be recorded here instead of shown.
+    The size limit itself does not depend on it.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        current = Image.MAX_IMAGE_PIXELS
+        if current is None or (max_pixels is not None and max_pixels <= current):
+            yield caught
+            return
+        with _LIMIT_LOCK:
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = max_pixels
+            try:
+                yield caught
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+
+
+def _warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:
+    notes: list[str] = []
+    for record in caught:
+        text = str(record.message).strip()
+        note = "bad EXIF data ignored" if "exif" in text.lower() else _clip(text)
+        if note not in notes:
+            notes.append(note)
+    return notes
+
+
+def _decode(
+    path: str,
+    fp: BinaryIO,
+    max_pixels: int | None,
+    min_size: tuple[int, int] | None,
+    notes: list[str],
+) -> tuple[Image.Image, str]:
+    opened: list[Image.Image] = []
+    try:
+        im = _identify(path, fp, ALLOWED_FORMATS)
+        opened.append(im)
+        fmt = im.format or "unknown"
+        _check_pixels(path, im.size, max_pixels)
+        if fmt == "PNG":  # a bad CRC decodes silently; only verify() on a fresh open notices
+            im.verify()
+            fp.seek(0)
+            im = _identify(path, fp, (fmt,))
+            opened.append(im)
+        frames = getattr(im, "n_frames", 1)
+        if isinstance(frames, int) and frames > 1:
+            if fmt != "MPO":  # an MPO's extra pictures are previews or stereo views
+                notes.append(f"multi-frame file: using the first of {frames} frames")
+            im.seek(0)
+        if fmt in _JPEG_FORMATS:  # EXIF is in the header: readable before decoding
+            orientation = _orientation(im, notes)
+            if min_size is not None:
+                want_w, want_h = min_size
+                if orientation in _ROTATING_ORIENTATIONS:  # draft acts on the stored, unrotated picture
+                    want_w, want_h = want_h, want_w
+                if want_w > 0 and want_h > 0:
+                    im.draft("RGB", (want_w, want_h))
+            im.load()
+        else:  # getexif() may decode the whole file (PNG): decode first, so errors are not EXIF's
+            im.load()
+            orientation = _orientation(im, notes)
+        if orientation is not None and orientation != 1:
+            try:
+                im = ImageOps.exif_transpose(im)
+            except (MemoryError, InputError):
+                raise
+            except Exception:
+                notes.append("bad EXIF data ignored")
+        if _has_foreign_profile(opened[0]):
+            notes.append("colour profile ignored")
+        rgb = _to_rgb(path, im, notes)
+        if any(rgb is other for other in opened):
+            rgb = rgb.copy()  # the file-backed image is closed below
+        return rgb, fmt
+    finally:
+        for other in opened:
+            other.close()
+
+
+def _identify(path: str, fp: BinaryIO, formats: tuple[str, ...]) -> Image.Image:
+    fp.seek(0)
+    try:
+        return Image.open(fp, formats=formats)
+    except UnidentifiedImageError as exc:
+        raise _unidentified(path, fp) from exc
+
+
+def _unidentified(path: str, fp: BinaryIO) -> InputError:
+    """Why Pillow could not open a file: a format we refuse, a broken header, or not a picture.
+
+    Only the formats' signature tests run here, on the first bytes: nothing is parsed, so
+    an EPS file is recognised without Ghostscript ever being started.
+    """
+    fp.seek(0)
+    prefix = fp.read(16)
+    if prefix.startswith(b"%PDF-"):
+        return InputError(path, Reason.UNSUPPORTED_FORMAT, "PDF")
+    Image.init()
+    allowed = [name for name in ALLOWED_FORMATS if name in Image.OPEN]
+    others = sorted(name for name in Image.OPEN if name not in ALLOWED_FORMATS)
+    for name in [*allowed, *others]:
+        accept = Image.OPEN[name][1]
+        if accept is None:
+            continue  # formats without a signature would match anything
+        try:
+            match = accept(prefix)
+        except Exception:
+            continue
+        if match is True or (match and not isinstance(match, str)):
+            if name in ALLOWED_FORMATS:
+                return InputError(path, Reason.CORRUPT, f"{name} signature but unreadable header")
+            return InputError(path, Reason.UNSUPPORTED_FORMAT, name)
+    return InputError(path, Reason.NOT_AN_IMAGE)
+
+
+def _check_pixels(path: str, size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    pixels = width * height
+    if max_pixels is not None and pixels > max_pixels:
+        detail = f"{width}×{height} = {pixels} pixels, limit {max_pixels}; raise it with --max-pixels"
+        raise InputError(path, Reason.TOO_LARGE, detail)
+
+
+def _bomb_detail(message: str, max_pixels: int | None) -> str:
+    """Detail for a limit Pillow enforced itself (it does not say the width and height)."""
+    found = re.search(r"\((\d+) pixels\)", message)
+    pixels = f"{found.group(1)} pixels" if found else "too many pixels"
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    return f"{pixels}, limit {limit}; raise it with --max-pixels"
+
+
+def _exc_detail(exc: BaseException) -> str:
+    return _clip(str(exc).strip() or type(exc).__name__)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 1] + "…"
+
+
+def _orientation(im: Image.Image, notes: list[str]) -> int | None:
+    """The EXIF orientation (1 to 8), or None when absent, invalid or unreadable."""
+    try:
+        value = im.getexif().get(_ORIENTATION_TAG)
+    except (MemoryError, InputError):
+        raise
+    except Exception:
+        notes.append("bad EXIF data ignored")
+        return None
+    if isinstance(value, int) and 1 <= value <= 8:
+        return value
+    return None
+
+
+def _has_foreign_profile(im: Image.Image) -> bool:
+    """Whether the file embeds a colour profile other than sRGB (which needs no action)."""
+    profile = im.info.get("icc_profile")
+    if not isinstance(profile, bytes) or not profile:
+        return False
+    return b"sRGB" not in profile and b"s\0R\0G\0B" not in profile
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion to RGB
+# --------------------------------------------------------------------------------------------
+
+
+def _to_rgb(path: str, im: Image.Image, notes: list[str]) -> Image.Image:
+    mode = im.mode
+    if mode == "F":
+        return _grey_to_rgb(_float_to_uint8(path, np.asarray(im), notes))
+    if mode in _INT_MODES:
+        return _grey_to_rgb(_int_to_uint8(np.asarray(im), notes))
+    if _has_alpha(im):
+        return _composite(im.convert("RGBA") if im.mode != "RGBA" else im)
+    if mode == "RGB":
+        return im
+    return im.convert("RGB")
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    if im.mode in _ALPHA_MODES:
+        return True
+    if im.mode in _TRANSPARENCY_KEY_MODES and "transparency" in im.info:
+        return True
+    return im.mode == "P" and im.palette is not None and im.palette.mode == "RGBA"
+
+
+def _composite(rgba: Image.Image) -> Image.Image:
+    """Alpha-composite over :data:`BACKGROUND`, exactly rounded: c·a/255 + bg·(1 − a/255)."""
+    data = np.asarray(rgba)
+    alpha = data[..., 3:4].astype(np.uint16)
+    colour = data[..., :3].astype(np.uint16)
+    background = np.asarray(BACKGROUND, dtype=np.uint16)
+    # colour·alpha + bg·(255 − alpha) ≤ 65025, so uint16 never overflows
+    mixed = colour * alpha + background * (255 - alpha) + 127
+    return Image.fromarray((mixed // 255).astype(np.uint8))
+
+
+def _int_to_uint8(data: npt.NDArray[np.generic], notes: list[str]) -> npt.NDArray[np.uint8]:
+    """16-bit (or 32-bit integer) greyscale to 8 bit: 0..65535 scaled to 0..255, rounded."""
+    lowest, highest = (int(data.min()), int(data.max())) if data.size else (0, 0)
+    if lowest >= 0 and highest <= 65535:
+        wide = data.astype(np.uint32)
+        return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    notes.append(f"integer pixel values outside 0..65535 (min {lowest}, max {highest}): scaled min-max")
+    return _min_max(data.astype(np.float64), float(lowest), float(highest))
+
+
+def _float_to_uint8(path: str, data: npt.NDArray[np.generic], notes: list[str]) -> npt.NDArray[np.uint8]:
+    """Float greyscale in [0, 1] to 0..255; other ranges min-max scaled; NaN/inf refused."""
+    values = data.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise InputError(path, Reason.NAN_PIXELS)
+    lowest, highest = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lowest >= 0.0 and highest <= 1.0:
+        return np.floor(values * 255.0 + 0.5).astype(np.uint8)
+    notes.append(f"float pixel values outside [0, 1] (min {lowest:g}, max {highest:g}): scaled min-max")
+    return _min_max(values, lowest, highest)
+
+
+def _min_max(values: npt.NDArray[np.float64], lowest: float, highest: float) -> npt.NDArray[np.uint8]:
+    if highest <= lowest:  # a flat picture: nothing to stretch
+        return np.full(values.shape, round(min(max(lowest, 0.0), 1.0) * 255), dtype=np.uint8)
+    scaled = (values - lowest) * (255.0 / (highest - lowest))
+    return np.clip(np.floor(scaled + 0.5), 0, 255).astype(np.uint8)
+
+
+def _grey_to_rgb(grey: npt.NDArray[np.uint8]) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(grey)).convert("RGB")
