@@ -134,6 +134,7 @@ def _stdin_is_terminal() -> bool:
 
 @app.command(no_args_is_help=False)
 def heatmap(
+    ctx: typer.Context,
     inputs: Annotated[
         list[str] | None,
         typer.Argument(
@@ -194,10 +195,14 @@ def heatmap(
 ) -> None:
     """Draw the attention of one block's heads over each picture."""
     params = dict(locals())
+    params.pop("ctx")
     if not inputs:
         if _stdin_is_terminal():
-            ctx = typer.get_current_context()
-            typer.echo(ctx.get_help(), err=True)
+            name = ctx.command_path
+            sys.stderr.write(
+                f"Usage: {name} [OPTIONS] INPUTS...\nTry '{name} --help' for help.\n\n"
+                "vitattn: error: no inputs: name image files or folders, or pipe paths in (- reads stdin)\n"
+            )
             raise typer.Exit(ExitCode.USAGE)
         params["inputs"] = ["-"]
     _run_guarded(debug, lambda: _heatmap(**params))

@@ -28,6 +28,7 @@ from vitattn.outputs import (
     head_name,
     mean_name,
     npy_name,
+    read_meta,
     remove_files,
     remove_stale_temps,
     resume_state,
@@ -179,8 +180,10 @@ class Runner:
         try:
             state = resume_state(folder, self.settings_record, overwrite=self.opts.overwrite, path=item.path)
             if state == "skip":
-                meta_files = _record_files(folder, self.settings, self.render_opts)
-                return Outcome(item, "skipped", {**base, "status": "skipped", "files": meta_files}, folder)
+                files = _record_files(folder, self.settings, self.render_opts)
+                meta = read_meta(folder) or {}
+                record = {**base, "status": "skipped", "files": files, "top": meta.get("top", [])}
+                return Outcome(item, "skipped", record, folder)
             st = os.stat(item.path)
             loaded_img = load_image(item.path, max_pixels=self.opts.max_pixels, min_size=self.draft_size)
             photo = loaded_img.image
@@ -283,7 +286,7 @@ class Runner:
         """
         opts = self.opts
         window = max(2, opts.batch_size * 2)
-        pending: deque[Future[Outcome] | Outcome] = deque()
+        pending: deque[_Slot] = deque()  # one slot per input, in input order
         with (
             ThreadPoolExecutor(max(1, opts.decode_workers), thread_name_prefix="vitattn-load") as loaders,
             ThreadPoolExecutor(max(1, opts.render_workers), thread_name_prefix="vitattn-write") as writers,
@@ -291,40 +294,41 @@ class Runner:
         ):
             try:
                 prepared = _ordered_map(loaders, self._prepare, items, window)
-                batch: list[_Prepared] = []
+                batch: list[tuple[_Prepared, _Slot]] = []
                 for p in prepared:
                     if isinstance(p, Outcome):
-                        pending.append(p)
+                        pending.append(_Slot(p))
                     else:
-                        batch.append(p)
+                        slot = _Slot()
+                        pending.append(slot)
+                        batch.append((p, slot))
                         if len(batch) >= opts.batch_size:
-                            self._submit(cap, batch, writers, pending)
+                            self._submit(cap, batch, writers)
                             batch = []
                     yield from self._drain(pending, limit=window)
                     if self._stop:
                         return
                 if batch:
-                    self._submit(cap, batch, writers, pending)
+                    self._submit(cap, batch, writers)
                 yield from self._drain(pending, limit=0)
                 if self._stop:
                     return
             finally:
-                for f in pending:
-                    if isinstance(f, Future):
-                        f.cancel()
+                for slot in pending:
+                    if isinstance(slot.value, Future):
+                        slot.value.cancel()
                 loaders.shutdown(wait=True, cancel_futures=True)
                 writers.shutdown(wait=True, cancel_futures=True)
 
     def _submit(
         self,
         cap: Any,
-        batch: list[_Prepared],
+        batch: list[tuple[_Prepared, _Slot]],
         writers: ThreadPoolExecutor,
-        pending: deque[Future[Outcome] | Outcome],
     ) -> None:
         import torch
 
-        x = torch.stack([p.tensor for p in batch])  # (B, 3, H, W)
+        x = torch.stack([p.tensor for p, _ in batch])  # (B, 3, H, W)
         if self.loaded.device.type == "cuda":
             x = x.pin_memory()
         try:
@@ -332,18 +336,20 @@ class Runner:
         except VitattnError:
             raise
         except RuntimeError as exc:  # e.g. out of memory on one batch: fail its inputs, go on
-            for p in batch:
+            for p, slot in batch:
                 base = _base_record(p.item, self.loaded, self.settings)
                 err = InputError(p.item.path, Reason.INFERENCE, str(exc).splitlines()[0][:200])
-                pending.append(_error_outcome(p.item, err, base))
+                slot.value = _error_outcome(p.item, err, base)
             return
-        for p, att in zip(batch, results, strict=True):
-            pending.append(writers.submit(self._write, p, att))
+        for (p, slot), att in zip(batch, results, strict=True):
+            slot.value = writers.submit(self._write, p, att)
 
-    def _drain(self, pending: deque[Future[Outcome] | Outcome], *, limit: int) -> Iterator[Outcome]:
+    def _drain(self, pending: deque[_Slot], *, limit: int) -> Iterator[Outcome]:
         """Yield finished outcomes from the front; block on the front while more than ``limit`` wait."""
         while pending:
-            head = pending[0]
+            head = pending[0].value
+            if head is None:  # still waiting for its batch
+                return
             if isinstance(head, Future):
                 if not head.done() and len(pending) <= limit:
                     return
@@ -355,6 +361,13 @@ class Runner:
             if self.opts.fail_fast and outcome.status == "error":
                 self._stop = True
                 return
+
+
+@dataclass
+class _Slot:
+    """An input's place in the output order: empty until its batch ran, then a write task or an outcome."""
+
+    value: Future[Outcome] | Outcome | None = None
 
 
 def _ordered_map(
@@ -405,8 +418,6 @@ def _record_files(folder: Path, settings: Settings, r: RenderOptions) -> dict[st
 
 
 def _read_old_files(folder: Path) -> list[str]:
-    from vitattn.outputs import read_meta
-
     meta = read_meta(folder)
     files = meta.get("files") if meta else None
     return [str(f) for f in files] if isinstance(files, list) else []

@@ -1,0 +1,206 @@
+"""The CLI contract: names, output layout, JSON records, stdin lists, exit codes, stdout only data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from vitattn.cli import app
+
+MODEL = ["-m", "test_vit", "--no-pretrained"]  # random weights: 6 blocks, 2 heads, 10x10 grid at 160 px
+
+
+def run(args: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "vitattn", *args], input=stdin, capture_output=True, env=env, timeout=300
+    )
+
+
+def invoke(args: list[str], stdin: bytes | None = None) -> tuple[int, bytes, str]:
+    result = CliRunner().invoke(app, args, input=stdin)
+    return result.exit_code, result.stdout_bytes, result.stderr
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    (root / "cats").mkdir()
+    Image.fromarray(rng.integers(0, 255, (120, 200, 3), dtype=np.uint8)).save(root / "wide.jpg")
+    Image.fromarray(rng.integers(0, 255, (260, 90, 3), dtype=np.uint8)).save(root / "cats" / "tom.PNG")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "cats" / "small.webp")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_version_and_help() -> None:
+    from vitattn import __version__
+
+    code, out, _ = invoke(["--version"])
+    assert code == 0 and out.decode().strip() == f"vitattn {__version__}"
+    proc = run(["--help"])
+    assert proc.returncode == 0 and b"heatmap" in proc.stdout and b"info" in proc.stdout
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys, vitattn.cli; assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'eager import'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_folder_run_writes_the_documented_layout(photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "maps"
+    code, stdout, stderr = invoke(["heatmap", str(photos), "-r", "-o", str(out), *MODEL, "--npy", "--top-k", "3"])
+    assert code == 0, stderr
+    folders = stdout.decode().splitlines()
+    assert sorted(folders) == sorted(str(out / rel) for rel in ("wide.jpg", "cats/tom.PNG", "cats/small.webp"))
+    folder = out / "cats" / "tom.PNG"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(
+        ["block5_head0.png", "block5_head1.png", "block5_mean.png", "block5_grid.png", "block5_attn.npy", "meta.json"]
+    )
+    arr = np.load(folder / "block5_attn.npy")
+    assert arr.dtype == np.float32 and arr.shape == (2, 10, 10)
+    assert np.all(arr >= 0) and np.all(arr.sum(axis=(1, 2)) <= 1.0 + 1e-5)  # probabilities, prefix excluded
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["blocks"] == [5] and meta["query"] == "cls" and meta["grid"] == [10, 10]
+    assert meta["image_size"] == [90, 260]
+    assert meta["model"]["prefix_tokens"] == [{"index": 0, "role": "cls"}]
+    assert len(meta["top"]) == 3 and meta["top"][0]["label"]  # ImageNet labels from timm
+    assert set(meta["files"]) == set(names)
+    assert "processed 3, skipped 0, failed 0 (of 3)" in stderr
+    with Image.open(folder / "block5_head0.png") as im:
+        assert max(im.size) == 512 and im.size[1] > im.size[0]  # portrait photo stays portrait
+    assert not any(".vitattn-tmp-" in p.name for p in out.rglob("*"))
+
+
+def test_json_records_and_stdin_lists(photos: Path, tmp_path: Path) -> None:
+    files = [photos / "wide.jpg", photos / "cats" / "tom.PNG", photos / "missing.jpg"]
+    out = tmp_path / "o"
+    for sep, flag in ((b"\n", []), (b"\0", ["-0"])):
+        stdin = sep.join(os.fsencode(f) for f in files) + sep
+        code, stdout, stderr = invoke(["heatmap", "-", "--json", "-o", str(out), *MODEL, *flag, "-b", "2"], stdin)
+        assert code == 1, stderr  # one input failed
+        records = [json.loads(line) for line in stdout.decode().splitlines()]
+        assert [r["status"] for r in records] == (["ok", "ok", "error"] if not flag else ["skipped", "skipped", "error"])
+        ok = records[0]
+        assert set(ok) >= {"input", "status", "model", "block", "query", "grid", "heads", "files", "top"}
+        assert ok["block"] == 2 and ok["heads"] == [0, 1] and ok["grid"] == [10, 10]
+        assert set(ok["files"]) == {"heads", "mean", "grid", "meta"}
+        assert all(Path(p).is_file() for p in [*ok["files"]["heads"], ok["files"]["mean"], ok["files"]["meta"]])
+        assert records[2]["error"] == "no such file"
+        assert f"vitattn: error: {files[2]}: no such file" in stderr
+        assert "failed 1 (of 3)" in stderr
+
+
+def test_query_heads_and_format_options(photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    args = ["heatmap", str(photos / "wide.jpg"), "-o", str(out), *MODEL, "--heads", "1", "--query", "patch:2,3"]
+    code, stdout, stderr = invoke([*args, "--format", "jpg", "--max-side", "0", "--top-k", "0", "--json"])
+    assert code == 0, stderr
+    rec = json.loads(stdout)
+    assert rec["query"] == "patch:2,3" and rec["heads"] == [1] and rec["top"] == []
+    with Image.open(rec["files"]["mean"]) as im:
+        assert im.format == "JPEG" and im.size == (200, 120)  # --max-side 0: original size
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["-b", "6"], 2, "block 6 is out of range"),
+        (["--heads", "0,7"], 2, "head 7 is out of range"),
+        (["--query", "dist"], 2, "no dist token"),
+        (["--query", "patch:0,10"], 2, "outside the 10×10 grid"),
+        (["--cmap", "infernoo"], 2, "inferno"),
+        (["--format", "gif"], 2, "--format"),
+        (["-m", "vit_tiny_patch16_2244"], 2, "did you mean"),
+        (["-m", "test_convnext"], 2, "not supported"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], 2, "device"),
+    ],
+)
+def test_bad_options_are_one_line_and_write_nothing(
+    photos: Path, tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    out = tmp_path / "never"
+    base = ["heatmap", str(photos / "wide.jpg"), "-o", str(out), "--no-pretrained"]
+    if "-m" not in args:
+        base += ["-m", "test_vit"]
+    got, stdout, stderr = invoke([*base, *args])
+    assert got == code, stderr
+    assert message in stderr and stderr.count("vitattn: error:") == 1
+    assert stdout == b"" and not out.exists()
+
+
+def test_offline_pretrained_weights_name_the_ways_out(photos: Path, tmp_path: Path) -> None:
+    proc = run(["heatmap", str(photos / "wide.jpg"), "-o", str(tmp_path / "x"), "-m", "test_vit"])
+    assert proc.returncode == 3
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1 and err.startswith("vitattn: error: cannot fetch pretrained weights for test_vit")
+    assert "network" in err and "--weights" in err and "local-dir:" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def test_weights_file_wrappers_and_mismatch(photos: Path, tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    model = timm.create_model("test_vit", pretrained=False)
+    state = model.state_dict()
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pth")
+    torch.save(timm.create_model("test_vit2", pretrained=False).state_dict(), tmp_path / "other.pth")
+    (tmp_path / "junk.bin").write_bytes(b"\x00not a checkpoint")
+    arrays = []
+    for name in ("w.safetensors", "w.pth"):
+        out = tmp_path / name.replace(".", "_")
+        args = ["heatmap", str(photos / "wide.jpg"), "-m", "test_vit", "--weights", str(tmp_path / name)]
+        code, _, stderr = invoke([*args, "-o", str(out), "--npy"])
+        assert code == 0, stderr
+        meta = json.loads((out / "wide.jpg" / "meta.json").read_text())
+        assert meta["settings"]["weights"] == str(tmp_path / name)
+        arrays.append(np.load(out / "wide.jpg" / "block5_attn.npy"))
+    np.testing.assert_array_equal(arrays[0], arrays[1])  # same weights through both wrappers
+    code, _, stderr = invoke(["heatmap", str(photos / "wide.jpg"), "-m", "test_vit", "--weights", str(tmp_path / "other.pth")])
+    assert code == 3 and "does not fit the model" in stderr and "missing keys" in stderr and "unexpected keys" in stderr
+    code, _, stderr = invoke(["heatmap", str(photos / "wide.jpg"), "-m", "test_vit", "--weights", str(tmp_path / "junk.bin")])
+    assert code == 3 and "cannot read it" in stderr
+
+
+def test_info_and_models() -> None:
+    code, stdout, stderr = invoke(["info", "vit_small_patch14_reg4_dinov2", "--json"])
+    assert code == 0, stderr
+    d = json.loads(stdout)
+    assert d["grid"] == [37, 37] and d["patch_size"] == [14, 14] and d["depth"] == 12 and d["heads"] == 6
+    assert [p["role"] for p in d["prefix_tokens"]] == ["cls", "reg0", "reg1", "reg2", "reg3"]
+    assert d["input_size"] == [3, 518, 518] and d["crop_pct"] == 1.0
+    code, stdout, _ = invoke(["info", "deit_small_distilled_patch16_224"])
+    assert code == 0 and "0:cls, 1:dist" in stdout.decode()
+    code, stdout, _ = invoke(["models", "*dinov2*"])
+    names = stdout.decode().split()
+    assert code == 0 and "vit_small_patch14_reg4_dinov2" in names and all("dinov2" in n for n in names)
+    code, stdout, _ = invoke(["models", "convnext*"])
+    assert stdout == b""
+
+
+def test_no_inputs_with_a_terminal_prints_usage() -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vitattn", "heatmap"], stdin=follower, capture_output=True, timeout=60
+        )
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert proc.returncode == 2 and b"Usage" in proc.stderr and proc.stdout == b""
