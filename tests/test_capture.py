@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from vitattn.attention import forward_batch, resolve_settings, capturing
+from vitattn.attention import capturing, forward_batch, resolve_settings
 from vitattn.capture import AttentionCapture
 from vitattn.errors import CaptureError, UnsupportedModelError, UsageError
 from vitattn.models import LoadedModel, load_model, token_layout
@@ -80,13 +80,13 @@ def family(request: pytest.FixtureRequest) -> tuple[str, LoadedModel, tuple[str,
 
 
 def test_layout_and_grid_come_from_the_model(family: Any) -> None:
-    name, loaded, roles, grid = family
+    _, loaded, roles, grid = family
     assert loaded.layout.roles == roles
     assert loaded.grid == grid
 
 
 def test_captured_rows_equal_timm_unfused_attention(family: Any) -> None:
-    name, loaded, roles, grid = family
+    _, loaded, roles, grid = family
     h, w = loaded.input_size
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
     ref = reference_attention(loaded.model, x)
@@ -116,7 +116,7 @@ def test_captured_rows_equal_timm_unfused_attention(family: Any) -> None:
 
 
 def test_logits_unchanged_and_hooks_removed(family: Any) -> None:
-    name, loaded, roles, grid = family
+    _, loaded, roles, grid = family
     model = loaded.model
     h, w = loaded.input_size
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(2))

@@ -91,7 +91,9 @@ def test_json_records_and_stdin_lists(photos: Path, tmp_path: Path) -> None:
         code, stdout, stderr = invoke(["heatmap", "-", "--json", "-o", str(out), *MODEL, *flag, "-b", "2"], stdin)
         assert code == 1, stderr  # one input failed
         records = [json.loads(line) for line in stdout.decode().splitlines()]
-        assert [r["status"] for r in records] == (["ok", "ok", "error"] if not flag else ["skipped", "skipped", "error"])
+        assert [r["status"] for r in records] == (
+            ["ok", "ok", "error"] if not flag else ["skipped", "skipped", "error"]
+        )
         ok = records[0]
         assert set(ok) >= {"input", "status", "model", "block", "query", "grid", "heads", "files", "top"}
         assert ok["block"] == 2 and ok["heads"] == [0, 1] and ok["grid"] == [10, 10]
@@ -170,9 +172,13 @@ def test_weights_file_wrappers_and_mismatch(photos: Path, tmp_path: Path) -> Non
         assert meta["settings"]["weights"] == str(tmp_path / name)
         arrays.append(np.load(out / "wide.jpg" / "block5_attn.npy"))
     np.testing.assert_array_equal(arrays[0], arrays[1])  # same weights through both wrappers
-    code, _, stderr = invoke(["heatmap", str(photos / "wide.jpg"), "-m", "test_vit", "--weights", str(tmp_path / "other.pth")])
+    code, _, stderr = invoke(
+        ["heatmap", str(photos / "wide.jpg"), "-m", "test_vit", "--weights", str(tmp_path / "other.pth")]
+    )
     assert code == 3 and "does not fit the model" in stderr and "missing keys" in stderr and "unexpected keys" in stderr
-    code, _, stderr = invoke(["heatmap", str(photos / "wide.jpg"), "-m", "test_vit", "--weights", str(tmp_path / "junk.bin")])
+    code, _, stderr = invoke(
+        ["heatmap", str(photos / "wide.jpg"), "-m", "test_vit", "--weights", str(tmp_path / "junk.bin")]
+    )
     assert code == 3 and "cannot read it" in stderr
 
 

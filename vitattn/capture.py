@@ -62,10 +62,10 @@ class AttentionCapture:
         self._active = False
 
     def __enter__(self) -> AttentionCapture:
-        all_blocks = self.model.blocks  # type: ignore[union-attr]
+        all_blocks: Any = self.model.blocks
         try:
             for b in self.blocks:
-                attn = all_blocks[b].attn  # type: ignore[index]
+                attn = all_blocks[b].attn
                 if hasattr(attn, "fused_attn"):
                     self._saved_fused[b] = attn.fused_attn
                     attn.fused_attn = False
@@ -89,9 +89,9 @@ class AttentionCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        all_blocks = self.model.blocks  # type: ignore[union-attr]
+        all_blocks: Any = self.model.blocks
         for b, fused in self._saved_fused.items():
-            all_blocks[b].attn.fused_attn = fused  # type: ignore[index]
+            all_blocks[b].attn.fused_attn = fused
         self._saved_fused.clear()
         self._active = False
 

@@ -143,19 +143,27 @@ def heatmap(
         ),
     ] = None,
     recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Descend into sub-folders.")] = False,
-    null: Annotated[bool, typer.Option("-0", "--null", help="Paths on stdin are NUL-separated (find -print0).")] = False,
+    null: Annotated[
+        bool, typer.Option("-0", "--null", help="Paths on stdin are NUL-separated (find -print0).")
+    ] = False,
     model: Annotated[
         str, typer.Option("-m", "--model", help="timm model name, hf-hub:ORG/NAME or local-dir:PATH.")
     ] = DEFAULT_MODEL,
     weights: Annotated[
-        Path | None, typer.Option("--weights", help="Local checkpoint (.safetensors, .pth, .pt, .bin).", show_default=False)
+        Path | None,
+        typer.Option("--weights", help="Local checkpoint (.safetensors, .pth, .pt, .bin).", show_default=False),
     ] = None,
     no_pretrained: Annotated[
         bool, typer.Option("--no-pretrained", help="Random weights (the maps are meaningless; for testing).")
     ] = False,
     block: Annotated[
         list[str] | None,
-        typer.Option("-b", "--block", help="Block index; negatives count from the end. Repeat or use 3,11 or all.", show_default="-1"),
+        typer.Option(
+            "-b",
+            "--block",
+            help="Block index; negatives count from the end. Repeat or use 3,11 or all.",
+            show_default="-1",
+        ),
     ] = None,
     heads: Annotated[str | None, typer.Option("--heads", help="Heads to draw, e.g. 0,3,5.", show_default="all")] = None,
     query: Annotated[
@@ -177,11 +185,18 @@ def heatmap(
     shared_scale: Annotated[
         bool, typer.Option("--shared-scale", help="One colour scale across heads (default: each head its own).")
     ] = False,
-    device: Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda[:N], mps.")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda[:N], mps.")
+    ] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 16,
     top_k: Annotated[
         int | None,
-        typer.Option("--top-k", min=0, help="Predictions to report (0: none; the forward pass then stops early).", show_default="5 for an ImageNet head"),
+        typer.Option(
+            "--top-k",
+            min=0,
+            help="Predictions to report (0: none; the forward pass then stops early).",
+            show_default="5 for an ImageNet head",
+        ),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="Overlay format: png, jpg or webp.")] = "png",
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast).")] = "fp32",
@@ -189,7 +204,12 @@ def heatmap(
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed input.")] = False,
     max_pixels: Annotated[
         int | None,
-        typer.Option("--max-pixels", min=0, help="Largest picture accepted, in pixels (0: no limit).", show_default="Pillow's limit, about 89.5 M"),
+        typer.Option(
+            "--max-pixels",
+            min=0,
+            help="Largest picture accepted, in pixels (0: no limit).",
+            show_default="Pillow's limit, about 89.5 M",
+        ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
@@ -249,7 +269,9 @@ def _heatmap(**o: Any) -> int:
         loaded,
         settings,
         render,
-        RunOptions(batch_size=o["batch_size"], overwrite=o["overwrite"], fail_fast=o["fail_fast"], max_pixels=max_pixels),
+        RunOptions(
+            batch_size=o["batch_size"], overwrite=o["overwrite"], fail_fast=o["fail_fast"], max_pixels=max_pixels
+        ),
     )
     prepare_out_root(out)
     stdin = sys.stdin.buffer if "-" in o["inputs"] and sys.stdin is not None else None

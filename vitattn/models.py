@@ -118,7 +118,9 @@ class LoadedModel:
         """A block index, negatives counting from the end, as a non-negative index."""
         depth = self.depth
         if not -depth <= block < depth:
-            raise UsageError(f"block {block} is out of range: this model has {depth} blocks (0..{depth - 1}, or -{depth}..-1)")
+            raise UsageError(
+                f"block {block} is out of range: this model has {depth} blocks (0..{depth - 1}, or -{depth}..-1)"
+            )
         return block % depth
 
     def resolve_heads(self, heads: list[int] | None) -> list[int]:
@@ -174,7 +176,10 @@ def token_layout(model: nn.Module, spec: str = "") -> TokenLayout:
     if blocks is None or patch_embed is None or not hasattr(model, "num_prefix_tokens"):
         why = "it has no patch embedding followed by a stack of transformer blocks (model.blocks)"
     elif not all(hasattr(getattr(b, "attn", None), "attn_drop") for b in blocks):
-        why = "its blocks do not run global multi-head self-attention over all tokens (e.g. windowed or convolutional attention)"
+        why = (
+            "its blocks do not run global multi-head self-attention over all tokens "
+            "(e.g. windowed or convolutional attention)"
+        )
     if why:
         raise UnsupportedModelError(
             f"{name} is not supported: {why}. vitattn works with ViT-style timm models (vit, deit, deit3, "
@@ -261,7 +266,9 @@ def _create(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
     if spec.startswith("local-dir:"):
         folder = Path(spec.removeprefix("local-dir:"))
         if not (folder / "config.json").is_file():
-            raise ModelError(f"{spec}: no config.json in {folder} (a local-dir: model is a folder with config.json and weights)")
+            raise ModelError(
+                f"{spec}: no config.json in {folder} (a local-dir: model is a folder with config.json and weights)"
+            )
     if pretrained and not spec.startswith("local-dir:") and not _is_cached(spec):
         reason = _hub_unreachable()
         if reason:

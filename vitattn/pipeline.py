@@ -210,7 +210,7 @@ class Runner:
     def _write(self, prep: _Prepared, att: ImageAttention) -> Outcome:
         import numpy as np
 
-        from vitattn.render import labelled_grid, overlay, scale_maps
+        from vitattn.render import labelled_grid, overlay_many, scale_maps
 
         r = self.render_opts
         ext = r.format
@@ -225,22 +225,21 @@ class Runner:
                 fused = bm.fused(r.fuse)  # (gh, gw)
                 stack = np.concatenate([bm.heads, fused[None]], axis=0)  # (H' + 1, gh, gw)
                 scaled = scale_maps(stack, shared=r.shared_scale)
-                tiles: list[tuple[str, Image.Image]] = [
-                    ("photo", overlay(prep.photo, np.zeros_like(fused), crop_box=prep.box, lut=self.lut, alpha=0.0, max_side=r.max_side))
-                ]
-                for k, head in enumerate(bm.head_ids):
-                    img = overlay(prep.photo, scaled[k], crop_box=prep.box, lut=self.lut, alpha=r.alpha, max_side=r.max_side)
-                    name = head_name(b, head, ext)
-                    _save(img, folder / name, ext)
+                photo_only = np.zeros((1, *fused.shape), dtype=np.float32)  # alpha 0: just the dimmed photo
+                pictures = overlay_many(
+                    prep.photo, scaled, crop_box=prep.box, lut=self.lut, alpha=r.alpha, max_side=r.max_side
+                )
+                plain = overlay_many(
+                    prep.photo, photo_only, crop_box=prep.box, lut=self.lut, alpha=0.0, max_side=r.max_side
+                )
+                names = [head_name(b, head, ext) for head in bm.head_ids] + [mean_name(b, ext)]
+                labels = [f"head {head}" for head in bm.head_ids] + [r.fuse.value]
+                for name, picture in zip(names, pictures, strict=True):
+                    _save(picture, folder / name, ext)
                     written.append(name)
-                    tiles.append((f"head {head}", img))
-                img = overlay(prep.photo, scaled[-1], crop_box=prep.box, lut=self.lut, alpha=r.alpha, max_side=r.max_side)
-                name = mean_name(b, ext)
-                _save(img, folder / name, ext)
-                written.append(name)
-                tiles.append((r.fuse.value, img))
-                top = f" · top: {att.top[0].label} ({att.top[0].prob:.1%})" if att.top else ""
-                title = f"{self.loaded.spec} · block {b} · query {att.query}{top}"
+                best = f" · top: {att.top[0].label} ({att.top[0].prob:.1%})" if att.top else ""
+                title = f"{self.loaded.spec} · block {b} · query {att.query}{best}"
+                tiles = [("photo", plain[0]), *zip(labels, pictures, strict=True)]
                 name = grid_name(b, ext)
                 _save(labelled_grid(tiles, title=title), folder / name, ext)
                 written.append(name)

@@ -58,7 +58,7 @@ def crop_box(transform: Any, size: tuple[int, int]) -> Box:
         elif name in ("CenterCrop", "CenterCropOrPad"):
             ch, cw = _pair(t.size)
             # torchvision: top = round((H - ch) / 2); padding (when smaller) is symmetric, same formula
-            left, top = float(int(round((w - cw) / 2.0))), float(int(round((h - ch) / 2.0)))
+            left, top = float(round((w - cw) / 2.0)), float(round((h - ch) / 2.0))
             ox, oy = ox + left * sx, oy + top * sy
             w, h = float(cw), float(ch)
             continue
