@@ -13,6 +13,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -607,6 +608,30 @@ def test_bad_exif_warning_reported(tmp_path: Path) -> None:
     payload = b"MM\x00\x2a\x00\x00\x00\x08\xff\xff" + b"\x00" * 10
     loaded = load_image(str(corpus.write(tmp_path, "bad.jpg", corpus.jpeg_with_exif_payload(payload))))
     assert loaded.warnings == ["bad EXIF data ignored"]
+
+
+def test_concurrent_loads_keep_global_state(tmp_path: Path) -> None:
+    payload = b"MM\x00\x2a\x00\x00\x00\x08\xff\xff" + b"\x00" * 10
+    bad_exif = corpus.write(tmp_path, "bad.jpg", corpus.jpeg_with_exif_payload(payload))
+    good = corpus.lossless(tmp_path, "png")
+    big = corpus.write(tmp_path, "big.png", corpus.bomb_png(10_000, 1_000))
+    filters, show = list(warnings.filters), warnings.showwarning
+
+    def one(index: int) -> str:
+        kind = index % 4
+        if kind == 0:
+            return ",".join(load_image(str(bad_exif)).warnings)
+        if kind == 1:
+            return str(load_image(str(good)).image.size)
+        if kind == 2:
+            return str(load_image(str(good), max_pixels=None).image.size)  # lifts Pillow's limit
+        return load_error(big, max_pixels=7).reason
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(80)))
+    assert results == ["bad EXIF data ignored", "(4, 2)", "(4, 2)", Reason.TOO_LARGE] * 20
+    assert list(warnings.filters) == filters and warnings.showwarning is show
+    assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS
 
 
 def test_colour_profile_warning(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, TextIO, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -183,7 +183,8 @@ class _Finder:
 
     def __init__(self, *, recursive: bool, exclude: Sequence[str | os.PathLike[str]]) -> None:
         self.recursive = recursive
-        self.excluded = tuple(os.path.realpath(os.fspath(folder)) for folder in exclude)
+        reals = [os.path.realpath(os.fspath(folder)) for folder in exclude]
+        self.excluded = tuple((real, real.rstrip(os.sep) + os.sep) for real in reals)
         self.seen: set[str] = set()
         self.scanned_dirs: set[tuple[int, int]] = set()
         self.names = _RelNames()
@@ -313,10 +314,7 @@ class _Finder:
         yield InputItem(path, self.names.claim(rel), error)
 
     def _is_excluded(self, real: str) -> bool:
-        for folder in self.excluded:
-            if real == folder or real.startswith(folder.rstrip(os.sep) + os.sep):
-                return True
-        return False
+        return any(real == folder or real.startswith(prefix) for folder, prefix in self.excluded)
 
 
 def _list_dir(path: str) -> list[os.DirEntry[str]] | OSError:
@@ -475,7 +473,7 @@ def load_image(
     _stat_regular(path)
     notes: list[str] = []
     try:
-        with _open_regular(path) as fp, _pillow_guard(max_pixels) as caught:
+        with _open_regular(path) as fp, _PILLOW.load(max_pixels) as caught:
             image, fmt = _decode(path, fp, max_pixels, min_size, notes)
         notes.extend(note for note in _warning_notes(caught) if note not in notes)
     except (InputError, MemoryError):
@@ -533,43 +531,126 @@ def _open_regular(path: str) -> Iterator[BinaryIO]:
         yield fp
 
 
-_LIMIT_LOCK = threading.Lock()
+class _ShowWarning(Protocol):
+    """The signature of ``warnings.showwarning``."""
+
+    def __call__(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None: ...
 
 
-@contextlib.contextmanager
-def _pillow_guard(max_pixels: int | None) -> Iterator[list[warnings.WarningMessage]]:
-    """Collect Pillow's warnings, make the decompression-bomb one an error, lift Pillow's limit.
+class _PillowSession:
+    """Process-wide Pillow and ``warnings`` settings for the loads in progress, in any thread.
 
-    Warnings are recorded (not printed) so that they reach the user as
-    :attr:`LoadedImage.warnings`, next to the file they concern. Our own check of the header
-    size (:func:`_check_pixels`) is authoritative; Pillow's global ``Image.MAX_IMAGE_PIXELS``
-    is only raised, under a lock and for the duration of this load, when the caller allows
-    more than it, and is restored afterwards.
+    ``warnings.catch_warnings`` swaps process-wide state and is not safe when loads run in
+    several threads (before Python 3.14 an unlucky interleaving leaves every later warning
+    of the process going to a dead list). So the settings are shared and reference-counted
+    instead: the first load to start installs them, the last one to finish removes them.
 
-    Note: before Python 3.14, ``warnings.catch_warnings`` swaps process-wide state, so
-    warnings raised by other threads during a load may be recorded here instead of shown.
-    The size limit itself does not depend on it.
+    While any load is in progress:
+
+    * ``DecompressionBombWarning`` is an error (Pillow's security advice) and other warnings
+      are shown every time rather than once, so that each file gets its own notes;
+    * ``warnings.showwarning`` routes a warning raised in a thread that is loading to that
+      load's own list (it becomes :attr:`LoadedImage.warnings`); other threads' warnings go
+      to the previous handler as usual;
+    * ``Image.MAX_IMAGE_PIXELS`` is lifted to the largest limit among the loads that allow
+      more than Pillow's configured value (None when one allows any size). Each load's
+      own header check (:func:`_check_pixels`) is authoritative, so a shared, higher Pillow
+      limit never lets a picture through that its own caller refuses.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        current = Image.MAX_IMAGE_PIXELS
-        if current is None or (max_pixels is not None and max_pixels <= current):
-            yield caught
-            return
-        with _LIMIT_LOCK:
-            saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = max_pixels
-            try:
-                yield caught
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._depth = 0
+        self._raised: list[int | None] = []
+        self._pillow_limit: int | None = None
+        self._filters: list[object] = []
+        self._previous_show: _ShowWarning | None = None
+
+    @contextlib.contextmanager
+    def load(self, max_pixels: int | None) -> Iterator[list[str]]:
+        """Enter the shared settings for one load; yields the list that collects its warnings."""
+        sink: list[str] = []
+        with self._lock:
+            if self._depth == 0:
+                self._install()
+            self._depth += 1
+            limit = self._pillow_limit
+            raises = limit is not None and (max_pixels is None or max_pixels > limit)
+            if raises:
+                self._raised.append(max_pixels)
+                self._apply_limit()
+        self._local.sink = sink
+        try:
+            yield sink
+        finally:
+            self._local.sink = None
+            with self._lock:
+                if raises:
+                    self._raised.remove(max_pixels)
+                    self._apply_limit()
+                self._depth -= 1
+                if self._depth == 0:
+                    self._uninstall()
+
+    def _install(self) -> None:
+        self._pillow_limit = Image.MAX_IMAGE_PIXELS
+        warnings.filterwarnings("always")
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+        self._filters = list(warnings.filters[:2])
+        self._previous_show = warnings.showwarning
+        warnings.showwarning = self._show
+
+    def _uninstall(self) -> None:
+        filters = cast("list[object]", warnings.filters)
+        for entry in self._filters:
+            with contextlib.suppress(ValueError):
+                filters.remove(entry)
+        self._filters = []
+        if warnings.showwarning == self._show and self._previous_show is not None:
+            warnings.showwarning = self._previous_show
+        self._previous_show = None
+        Image.MAX_IMAGE_PIXELS = self._pillow_limit
+
+    def _apply_limit(self) -> None:
+        if not self._raised:
+            Image.MAX_IMAGE_PIXELS = self._pillow_limit
+        elif None in self._raised:
+            Image.MAX_IMAGE_PIXELS = None
+        else:
+            Image.MAX_IMAGE_PIXELS = max(limit for limit in self._raised if limit is not None)
+
+    def _show(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        sink: list[str] | None = getattr(self._local, "sink", None)
+        if sink is not None:
+            sink.append(str(message))
+        elif self._previous_show is not None:
+            self._previous_show(message, category, filename, lineno, file, line)
 
 
-def _warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:
+_PILLOW = _PillowSession()
+
+
+def _warning_notes(messages: list[str]) -> list[str]:
     notes: list[str] = []
-    for record in caught:
-        text = str(record.message).strip()
+    for message in messages:
+        text = message.strip()
         note = "bad EXIF data ignored" if "exif" in text.lower() else _clip(text)
         if note not in notes:
             notes.append(note)
