@@ -22,7 +22,7 @@ test: lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 demo: install
-	$(VENV)/bin/vitattn heatmap sample_images/photos -o vitattn-out/demo
+	$(PY) -m vitattn.demo.run vitattn-out/demo
 
 bench: install
 	$(PY) -m vitattn.bench

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from vitattn import __version__
+from vitattn._version import __version__
 from vitattn.errors import ExitCode, UsageError, VitattnError, display_path
 
 if TYPE_CHECKING:

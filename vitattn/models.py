@@ -258,6 +258,16 @@ def _is_cached(spec: str) -> bool:
         return False
 
 
+def pretrained_unavailable(spec: str) -> str | None:
+    """Why the pretrained weights of ``spec`` cannot be fetched now, or None when they can (or are cached).
+
+    A quick check (local cache, then one connection attempt) used to fail fast and to pick a fallback.
+    """
+    if spec.startswith("local-dir:") or _is_cached(spec):
+        return None
+    return _hub_unreachable()
+
+
 def _create(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
     import timm
 
@@ -269,10 +279,9 @@ def _create(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
             raise ModelError(
                 f"{spec}: no config.json in {folder} (a local-dir: model is a folder with config.json and weights)"
             )
-    if pretrained and not spec.startswith("local-dir:") and not _is_cached(spec):
-        reason = _hub_unreachable()
-        if reason:
-            raise _weights_unavailable(spec, reason)
+    reason = pretrained_unavailable(spec) if pretrained else None
+    if reason:
+        raise _weights_unavailable(spec, reason)
     try:
         model: nn.Module = timm.create_model(spec, pretrained=pretrained, **kwargs)
     except (OSError, ConnectionError) as exc:

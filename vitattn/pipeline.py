@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitattn import __version__
+from vitattn._version import __version__
 from vitattn.attention import ImageAttention, Settings, capturing, forward_batch
 from vitattn.errors import InputError, OutputError, Reason, VitattnError, display_path
 from vitattn.inputs import DEFAULT_MAX_PIXELS, InputItem, load_image
