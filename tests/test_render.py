@@ -435,3 +435,17 @@ def test_save_image_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="'bmp'"):
         save_image(Image.new("RGB", (4, 4)), tmp_path / "x", format="bmp")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (340, 512), (513, 2)])
+def test_encode_png_round_trips_exactly(shape: tuple[int, int], tmp_path: Path) -> None:
+    from vitattn.render import encode_png
+
+    rng = np.random.default_rng(sum(shape))
+    rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    rgb[:, ::2] = 255  # wrap-around in the Sub filter: 255 - 0 and 0 - 255
+    path = tmp_path / "x.png.tmp-1"
+    path.write_bytes(encode_png(rgb))
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(im), rgb)

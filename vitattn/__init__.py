@@ -1,33 +1,88 @@
 """vitattn: exact per-head attention heatmaps for Vision Transformers.
 
-The public API, re-exported. Heavy libraries (torch, timm, matplotlib) load only when a function needs them.
+The public API, re-exported. Names load on first use (PEP 562), so ``import vitattn`` and
+``vitattn --help`` stay fast; torch, timm and matplotlib load only when a function needs them.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from vitattn._version import __version__ as __version__
-from vitattn.attention import (
-    BlockMaps,
-    ImageAttention,
-    Prediction,
-    Settings,
-    compute_attention,
-    resolve_settings,
-)
-from vitattn.capture import AttentionCapture
-from vitattn.errors import (
-    CaptureError,
-    InputError,
-    ModelError,
-    OutputError,
-    UnsupportedModelError,
-    UsageError,
-    VitattnError,
-    WeightsUnavailableError,
-)
-from vitattn.inputs import InputItem, LoadedImage, iter_inputs, load_image
-from vitattn.maps import HeadFusion, Query, parse_query
-from vitattn.models import DEFAULT_MODEL, LoadedModel, TokenLayout, describe, load_model, supported_models
-from vitattn.pipeline import Outcome, RenderOptions, Runner, RunOptions
-from vitattn.render import colormap_lut, labelled_grid, overlay, scale_maps
+
+if TYPE_CHECKING:
+    from vitattn.attention import (
+        BlockMaps,
+        ImageAttention,
+        Prediction,
+        Settings,
+        compute_attention,
+        resolve_settings,
+    )
+    from vitattn.capture import AttentionCapture
+    from vitattn.errors import (
+        CaptureError,
+        InputError,
+        ModelError,
+        OutputError,
+        UnsupportedModelError,
+        UsageError,
+        VitattnError,
+        WeightsUnavailableError,
+    )
+    from vitattn.inputs import InputItem, LoadedImage, iter_inputs, load_image
+    from vitattn.maps import HeadFusion, Query, parse_query
+    from vitattn.models import DEFAULT_MODEL, LoadedModel, TokenLayout, describe, load_model, supported_models
+    from vitattn.pipeline import Outcome, RenderOptions, Runner, RunOptions
+    from vitattn.render import colormap_lut, labelled_grid, overlay, scale_maps
+
+_EXPORTS = {
+    "AttentionCapture": "vitattn.capture",
+    "BlockMaps": "vitattn.attention",
+    "CaptureError": "vitattn.errors",
+    "DEFAULT_MODEL": "vitattn.models",
+    "HeadFusion": "vitattn.maps",
+    "ImageAttention": "vitattn.attention",
+    "InputError": "vitattn.errors",
+    "InputItem": "vitattn.inputs",
+    "LoadedImage": "vitattn.inputs",
+    "LoadedModel": "vitattn.models",
+    "ModelError": "vitattn.errors",
+    "Outcome": "vitattn.pipeline",
+    "OutputError": "vitattn.errors",
+    "Prediction": "vitattn.attention",
+    "Query": "vitattn.maps",
+    "RenderOptions": "vitattn.pipeline",
+    "RunOptions": "vitattn.pipeline",
+    "Runner": "vitattn.pipeline",
+    "Settings": "vitattn.attention",
+    "TokenLayout": "vitattn.models",
+    "UnsupportedModelError": "vitattn.errors",
+    "UsageError": "vitattn.errors",
+    "VitattnError": "vitattn.errors",
+    "WeightsUnavailableError": "vitattn.errors",
+    "colormap_lut": "vitattn.render",
+    "compute_attention": "vitattn.attention",
+    "describe": "vitattn.models",
+    "iter_inputs": "vitattn.inputs",
+    "labelled_grid": "vitattn.render",
+    "load_image": "vitattn.inputs",
+    "load_model": "vitattn.models",
+    "overlay": "vitattn.render",
+    "parse_query": "vitattn.maps",
+    "resolve_settings": "vitattn.attention",
+    "scale_maps": "vitattn.render",
+    "supported_models": "vitattn.models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vitattn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_MODEL",
