@@ -29,3 +29,6 @@ bench: install
 
 clean:
 	rm -rf vitattn-out .pytest_cache .mypy_cache .ruff_cache
+
+demo-model: install
+	$(PY) -m vitattn.demo.train --out vitattn/demo/shapes_vit
