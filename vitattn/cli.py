@@ -6,6 +6,7 @@ to stderr. Errors become one line and an exit code here, in :func:`main`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -53,8 +54,24 @@ def _root(
 
 
 def _err(message: str, kind: str = "error") -> None:
-    sys.stderr.write(f"vitattn: {kind}: {message}\n")
-    sys.stderr.flush()
+    _to_stderr(f"vitattn: {kind}: {message}\n")
+
+
+def _to_stderr(text: str) -> None:
+    """Write to stderr; when its reader went away (``2>&1 | head -1``) go quiet instead of failing."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except BrokenPipeError:
+        _silence(sys.stderr)
+
+
+def _silence(stream: Any) -> None:
+    """Point a closed pipe's file descriptor at /dev/null, so that later writes and the flush at exit succeed."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 def _parse_ints(text: str | None, what: str) -> list[int] | None:
@@ -86,18 +103,18 @@ class _Progress:
         self.enabled = sys.stderr.isatty()
         self.start = time.monotonic()
         self.counts = {"ok": 0, "skipped": 0, "error": 0}
+        self.started = False  # inputs are being processed: the summary line is due, whatever happens
 
     def update(self, status: str) -> None:
         self.counts[status] += 1
         if self.enabled:
             done = sum(self.counts.values())
             rate = done / max(1e-9, time.monotonic() - self.start)
-            sys.stderr.write(f"\r{done} done, {self.counts['error']} failed, {rate:.1f} img/s ")
-            sys.stderr.flush()
+            _to_stderr(f"\r{done} done, {self.counts['error']} failed, {rate:.1f} img/s ")
 
     def clear(self) -> None:
         if self.enabled:
-            sys.stderr.write("\r\033[K")
+            _to_stderr("\r\033[K")
 
     def summary(self) -> str:
         c = self.counts
@@ -225,10 +242,11 @@ def heatmap(
             )
             raise typer.Exit(ExitCode.USAGE)
         params["inputs"] = ["-"]
-    _run_guarded(debug, lambda: _heatmap(**params))
+    progress = _Progress()
+    _run_guarded(debug, lambda: _heatmap(progress, **params), progress)
 
 
-def _heatmap(**o: Any) -> int:
+def _heatmap(progress: _Progress, **o: Any) -> int:
     from vitattn.attention import resolve_settings
     from vitattn.inputs import DEFAULT_MAX_PIXELS, iter_inputs
     from vitattn.models import load_model
@@ -276,18 +294,19 @@ def _heatmap(**o: Any) -> int:
     prepare_out_root(out)
     stdin = sys.stdin.buffer if "-" in o["inputs"] and sys.stdin is not None else None
     items = iter_inputs(o["inputs"], recursive=o["recursive"], null_separated=o["null"], stdin=stdin, exclude=[out])
-    progress = _Progress()
-    try:
-        for outcome in runner.run(items):
+    progress.started = True
+    with contextlib.closing(runner.run(items)) as outcomes:  # closing drains the write workers, also on errors
+        for outcome in outcomes:
             _report(outcome, as_json=o["as_json"], progress=progress)
-    finally:
-        progress.clear()
-        sys.stderr.write(progress.summary() + "\n")
     return ExitCode.INPUT_FAILED if progress.counts["error"] else ExitCode.OK
 
 
-def _run_guarded(debug: bool, call: Any) -> NoReturn:
-    """Run ``call``; turn every error into one stderr line and the exit code (the one place this happens)."""
+def _run_guarded(debug: bool, call: Any, progress: _Progress | None = None) -> NoReturn:
+    """Run ``call``; turn every error into one stderr line and the exit code (the one place this happens).
+
+    Once inputs are being processed (``progress.started``), the summary line is always the last line on
+    stderr: after success, a failed input, a fatal error, Ctrl-C, SIGTERM or a closed stdout.
+    """
 
     def on_term(signum: int, frame: Any) -> None:
         raise Terminated
@@ -306,12 +325,18 @@ def _run_guarded(debug: bool, call: Any) -> NoReturn:
     except Terminated:
         _err("terminated", "error")
         code = ExitCode.TERMINATED
-    except BrokenPipeError:
-        # the reader went away (e.g. `| head -1`): stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head -1`): stop quietly
+        _silence(sys.stdout)
         code = 128 + signal.SIGPIPE
+    except Exception as exc:  # a bug: still one line, and the summary of what was done
+        if debug:
+            raise
+        _err(f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)")
+        code = ExitCode.FATAL
     finally:
+        if progress is not None and progress.started:
+            progress.clear()
+            _to_stderr(progress.summary() + "\n")
         signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
 

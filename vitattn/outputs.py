@@ -14,6 +14,7 @@ half-written file. A rerun skips inputs whose meta.json records the same setting
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from vitattn.errors import InputError, OutputError, Reason
+from vitattn.errors import InputError, OutputError, Reason, display_path
 
 META = "meta.json"
 TMP_MARK = ".vitattn-tmp-"
@@ -68,9 +69,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException as exc:
         with _suppress_os():
             tmp.unlink()
-        if isinstance(exc, OSError) and exc.errno in _FATAL_ERRNOS:
-            raise OutputError(f"cannot write {path}: {os.strerror(exc.errno or 0)}") from exc
+        if isinstance(exc, OSError):
+            raise_if_fatal(exc, path)
         raise
+
+
+def raise_if_fatal(exc: OSError, path: Path) -> None:
+    """Raise :class:`OutputError` when a write failure affects every input (disk full, quota, read-only)."""
+    if exc.errno in _FATAL_ERRNOS:
+        raise OutputError(f"cannot write {display_path(path)}: {os.strerror(exc.errno or 0)}") from exc
 
 
 class _suppress_os:
@@ -146,23 +153,60 @@ def read_meta(folder: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def resume_state(folder: Path, settings: dict[str, Any], *, overwrite: bool, path: str) -> str:
+def resume_state(
+    folder: Path,
+    settings: dict[str, Any],
+    *,
+    overwrite: bool,
+    path: str,
+    input_stat: dict[str, int] | None = None,
+) -> str:
     """Decide what to do with an input whose outputs go to ``folder``.
 
+    Args:
+        input_stat: the input's ``{"size", "mtime_ns"}`` now; when given, a result recorded for a file
+            of another size or time (another file of the same name, or an edited one) is not skipped.
+
     Returns:
-        ``skip`` (done before with the same settings) or ``run``.
+        ``skip`` (done before with the same settings, for the same input) or ``run``.
 
     Raises:
-        InputError: complete results with other settings exist and ``overwrite`` is off.
+        InputError: complete results with other settings (or of another input) exist and ``overwrite`` is off.
     """
     meta = read_meta(folder)
     if meta is None:
         return "run"
-    if meta.get("settings") == settings and not overwrite:
+    same_input = input_stat is None or meta.get("input_stat") == input_stat
+    if meta.get("settings") == settings and same_input and not overwrite:
         return "skip"
     if overwrite:
         return "run"
     raise InputError(path, Reason.OUTPUTS_EXIST, None)
+
+
+def start_result(folder: Path) -> list[str]:
+    """Make ``folder`` ready for a new result: create it, remove stale temporary files, and remove an older
+    result's meta.json first, so that a run stopped half-way leaves a folder that reads as incomplete
+    (redone by the next run) rather than old settings over a mix of old and new files.
+
+    Returns:
+        The files the older result listed (to remove those the new one does not write).
+    """
+    meta = read_meta(folder)
+    files = meta.get("files") if meta else None
+    old = [str(f) for f in files] if isinstance(files, list) else []
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    with contextlib.suppress(FileNotFoundError):
+        (folder / META).unlink()
+    return old
+
+
+def abandon_result(folder: Path, written: Iterable[str]) -> None:
+    """After a failed write: remove the files this attempt wrote, and the folder when that empties it."""
+    remove_files(folder, written)
+    with _suppress_os():
+        folder.rmdir()
 
 
 def remove_files(folder: Path, names: Iterable[str]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,24 +18,26 @@ from typing import TYPE_CHECKING, Any
 
 from vitattn._version import __version__
 from vitattn.attention import ImageAttention, Settings, capturing, forward_batch
-from vitattn.errors import InputError, OutputError, Reason, VitattnError, display_path
+from vitattn.errors import InputError, Reason, VitattnError, display_path
 from vitattn.inputs import DEFAULT_MAX_PIXELS, InputItem, load_image
 from vitattn.maps import HeadFusion
 from vitattn.models import LoadedModel, describe
 from vitattn.outputs import (
     META,
+    abandon_result,
     grid_name,
     head_name,
     mean_name,
     npy_name,
+    raise_if_fatal,
     read_meta,
     remove_files,
-    remove_stale_temps,
     resume_state,
+    start_result,
     write_json,
     write_npy,
 )
-from vitattn.preprocess import Box, crop_box
+from vitattn.preprocess import Box, crop_box, peak_pixels
 
 if TYPE_CHECKING:
     import torch
@@ -170,6 +172,7 @@ class Runner:
         need = max(int(max(h, w) / crop_pct), render.max_side) * DRAFT_MARGIN
         self.draft_size = (need, need)
         self._stop = False
+        self._write_failed = False  # set by a write worker; with fail_fast, no more inputs are taken
 
     # -- stage 1: load + preprocess (worker threads) -------------------------------------------
     def _prepare(self, item: InputItem) -> _Prepared | Outcome:
@@ -178,16 +181,20 @@ class Runner:
             return _error_outcome(item, item.error, base)
         folder = self.render_opts.out / item.rel
         try:
-            state = resume_state(folder, self.settings_record, overwrite=self.opts.overwrite, path=item.path)
+            st = os.stat(item.path)
+            input_stat = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            state = resume_state(
+                folder, self.settings_record, overwrite=self.opts.overwrite, path=item.path, input_stat=input_stat
+            )
             if state == "skip":
                 files = _record_files(folder, self.settings, self.render_opts)
                 meta = read_meta(folder) or {}
                 record = {**base, "status": "skipped", "files": files, "top": meta.get("top", [])}
                 return Outcome(item, "skipped", record, folder)
-            st = os.stat(item.path)
             loaded_img = load_image(item.path, max_pixels=self.opts.max_pixels, min_size=self.draft_size)
             photo = loaded_img.image
             size = photo.size
+            self._check_preprocessing_size(item.path, size)
             box = crop_box(self.transform, size)
             tensor = self.transform(photo)  # (3, H, W)
             photo, box = _shrink(photo, box, self.render_opts.max_side)
@@ -195,6 +202,11 @@ class Runner:
             return _error_outcome(item, err, base)
         except OSError as exc:  # e.g. the file vanished between discovery and load
             return _error_outcome(item, InputError(item.path, Reason.NO_SUCH_FILE, exc.strerror), base)
+        except (VitattnError, MemoryError):
+            raise
+        except Exception as exc:  # the model's transform failed on this one picture
+            detail = f"preprocessing: {_exc_line(exc)}"
+            return _error_outcome(item, InputError(item.path, Reason.INFERENCE, detail), base)
         return _Prepared(
             item=item,
             folder=folder,
@@ -202,9 +214,22 @@ class Runner:
             box=box,
             tensor=tensor,
             image_size=size,
-            input_stat={"size": st.st_size, "mtime_ns": st.st_mtime_ns},
+            input_stat=input_stat,
             warnings=loaded_img.warnings,
         )
+
+    def _check_preprocessing_size(self, path: str, size: tuple[int, int]) -> None:
+        """Refuse a picture whose preprocessing would exceed the pixel limit (a 1×3000 strip, resized by its
+        short side, becomes 168×504000 before the centre crop). A limit set below Pillow's default applies to
+        the picture only: every picture is resized to about the model's input size."""
+        limit = self.opts.max_pixels
+        if limit is not None:
+            limit = max(limit, DEFAULT_MAX_PIXELS)
+        peak = peak_pixels(self.transform, size)
+        if limit is not None and peak > limit:
+            w, h = size
+            detail = f"{w}×{h} resized for the model is {peak} pixels, limit {limit}; raise it with --max-pixels"
+            raise InputError(path, Reason.TOO_LARGE, detail)
 
     # -- stage 3: render + write (worker threads) -----------------------------------------------
     def _write(self, prep: _Prepared, att: ImageAttention) -> Outcome:
@@ -216,11 +241,10 @@ class Runner:
         ext = r.format
         folder = prep.folder
         base = _base_record(prep.item, self.loaded, self.settings)
-        old = _read_old_files(folder)
+        written: list[str] = []
+        old: list[str] = []
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(folder)
-            written: list[str] = []
+            old = start_result(folder)
             for b, bm in att.blocks.items():
                 fused = bm.fused(r.fuse)  # (gh, gw)
                 stack = np.concatenate([bm.heads, fused[None]], axis=0)  # (H' + 1, gh, gw)
@@ -266,18 +290,23 @@ class Runner:
                 "warnings": prep.warnings,
             }
             write_json(folder / META, meta)
-            if old:
-                remove_files(folder, set(old) - set(written) - {META})
-        except OutputError:
-            raise
-        except OSError as exc:
-            err = InputError(prep.item.path, Reason.WRITE, f"{exc.strerror or exc}")
-            return _error_outcome(prep.item, err, base)
+        except BaseException as exc:
+            abandon_result(folder, [*written, *old])  # a failed input leaves nothing half-done behind
+            if isinstance(exc, OSError):
+                raise_if_fatal(exc, folder)
+            if isinstance(exc, (VitattnError, MemoryError)) or not isinstance(exc, Exception):
+                raise
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else _exc_line(exc)
+            if self.opts.fail_fast:
+                self._write_failed = True
+            return _error_outcome(prep.item, InputError(prep.item.path, Reason.WRITE, detail), base)
+        if old:
+            remove_files(folder, set(old) - set(written) - {META})
         record = {**base, "files": _record_files(folder, self.settings, r), "top": top}
         return Outcome(prep.item, "ok", record, folder, warnings=prep.warnings)
 
     # -- the run ---------------------------------------------------------------------------------
-    def run(self, items: Iterable[InputItem]) -> Iterator[Outcome]:
+    def run(self, items: Iterable[InputItem]) -> Generator[Outcome, None, None]:
         """Process every input; yields one :class:`Outcome` per input, in input order.
 
         Raises:
@@ -297,13 +326,20 @@ class Runner:
                 for p in prepared:
                     if isinstance(p, Outcome):
                         pending.append(_Slot(p))
+                        if opts.fail_fast and p.status == "error":
+                            break  # finish the inputs before it, report it, take no more
                     else:
                         slot = _Slot()
                         pending.append(slot)
                         batch.append((p, slot))
                         if len(batch) >= opts.batch_size:
-                            self._submit(cap, batch, writers)
+                            failed = self._submit(cap, batch, writers)
                             batch = []
+                            if opts.fail_fast and failed:
+                                break
+                    if self._write_failed:  # fail_fast: an earlier input failed to write
+                        batch = []
+                        break
                     yield from self._drain(pending, limit=window)
                     if self._stop:
                         return
@@ -324,24 +360,26 @@ class Runner:
         cap: Any,
         batch: list[tuple[_Prepared, _Slot]],
         writers: ThreadPoolExecutor,
-    ) -> None:
+    ) -> bool:
+        """Run one batch and hand its results to the write workers; True when the batch failed."""
         import torch
 
-        x = torch.stack([p.tensor for p, _ in batch])  # (B, 3, H, W)
-        if self.loaded.device.type == "cuda":
-            x = x.pin_memory()
         try:
+            x = torch.stack([p.tensor for p, _ in batch])  # (B, 3, H, W)
+            if self.loaded.device.type == "cuda":
+                x = x.pin_memory()
             results = forward_batch(self.loaded, cap, x, self.settings)
         except VitattnError:
             raise
-        except RuntimeError as exc:  # e.g. out of memory on one batch: fail its inputs, go on
+        except Exception as exc:  # e.g. out of memory on one batch: fail its inputs, go on
             for p, slot in batch:
                 base = _base_record(p.item, self.loaded, self.settings)
-                err = InputError(p.item.path, Reason.INFERENCE, str(exc).splitlines()[0][:200])
+                err = InputError(p.item.path, Reason.INFERENCE, _exc_line(exc))
                 slot.value = _error_outcome(p.item, err, base)
-            return
+            return True
         for (p, slot), att in zip(batch, results, strict=True):
             slot.value = writers.submit(self._write, p, att)
+        return False
 
     def _drain(self, pending: deque[_Slot], *, limit: int) -> Iterator[Outcome]:
         """Yield finished outcomes from the front; block on the front while more than ``limit`` wait."""
@@ -416,10 +454,10 @@ def _record_files(folder: Path, settings: Settings, r: RenderOptions) -> dict[st
     return files
 
 
-def _read_old_files(folder: Path) -> list[str]:
-    meta = read_meta(folder)
-    files = meta.get("files") if meta else None
-    return [str(f) for f in files] if isinstance(files, list) else []
+def _exc_line(exc: BaseException) -> str:
+    """An unexpected exception as a short detail: its first line, or its type when it has no message."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _head_stats(att: ImageAttention) -> dict[str, Any]:

@@ -32,7 +32,22 @@ def crop_box(transform: Any, size: tuple[int, int]) -> Box:
     ``CenterCropOrPad``. A padded crop gives a box that extends past the photo. Steps without geometry
     (to-tensor, normalise) are skipped; an unknown geometric step gives the whole photo.
     """
+    return _geometry(transform, size)[0]
+
+
+def peak_pixels(transform: Any, size: tuple[int, int]) -> int:
+    """The largest picture (width × height) the transform's steps make from a (width, height) photo.
+
+    A short-side resize of a very thin photo (1×3000) makes a huge intermediate picture (168×504000) before
+    the centre crop; callers refuse such inputs instead of running out of memory. Steps after an unknown
+    geometric one are not followed.
+    """
+    return _geometry(transform, size)[1]
+
+
+def _geometry(transform: Any, size: tuple[int, int]) -> tuple[Box, int]:
     w, h = float(size[0]), float(size[1])
+    peak = w * h
     # current picture coords -> photo coords: photo = offset + current * scale
     sx = sy = 1.0
     ox = oy = 0.0
@@ -65,10 +80,11 @@ def crop_box(transform: Any, size: tuple[int, int]) -> Box:
         elif name in ("MaybeToTensor", "ToTensor", "Normalize", "MaybePILToTensor", "PILToTensor", "ConvertImageDtype"):
             continue
         else:
-            return 0.0, 0.0, float(size[0]), float(size[1])
+            return (0.0, 0.0, float(size[0]), float(size[1])), int(peak)
         sx, sy = sx * w / nw, sy * h / nh
         w, h = nw, nh
-    return ox, oy, ox + w * sx, oy + h * sy
+        peak = max(peak, w * h)
+    return (ox, oy, ox + w * sx, oy + h * sy), int(peak)
 
 
 def to_batch(images: Sequence[Image.Image], transform: Any) -> torch.Tensor:
