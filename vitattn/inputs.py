@@ -437,6 +437,8 @@ class LoadedImage:
     image: Image.Image
     format: str
     warnings: list[str] = field(default_factory=list)
+    size: tuple[int, int] = (0, 0)
+    """(width, height) of the upright picture at full resolution; ``image`` is smaller after JPEG draft decoding."""
 
 
 def load_image(
@@ -474,7 +476,7 @@ def load_image(
     notes: list[str] = []
     try:
         with _open_regular(path) as fp, _PILLOW.load(max_pixels) as caught:
-            image, fmt = _decode(path, fp, max_pixels, min_size, notes)
+            image, fmt, size = _decode(path, fp, max_pixels, min_size, notes)
         notes.extend(note for note in _warning_notes(caught) if note not in notes)
     except (InputError, MemoryError):
         raise
@@ -489,7 +491,7 @@ def load_image(
         raise InputError(path, reason, _exc_detail(exc)) from exc
     except Exception as exc:  # Pillow raises many types (ValueError, SyntaxError, struct.error...)
         raise InputError(path, Reason.CORRUPT, _exc_detail(exc)) from exc
-    return LoadedImage(image, fmt, notes)
+    return LoadedImage(image, fmt, notes, size)
 
 
 def _stat_regular(path: str) -> None:
@@ -663,7 +665,7 @@ def _decode(
     max_pixels: int | None,
     min_size: tuple[int, int] | None,
     notes: list[str],
-) -> tuple[Image.Image, str]:
+) -> tuple[Image.Image, str, tuple[int, int]]:
     opened: list[Image.Image] = []
     try:
         im = _identify(path, fp, ALLOWED_FORMATS)
@@ -680,6 +682,7 @@ def _decode(
             if fmt != "MPO":  # an MPO's extra pictures are previews or stereo views
                 notes.append(f"multi-frame file: using the first of {frames} frames")
             im.seek(0)
+        stored_size = im.size  # before any draft reduction
         if fmt in _JPEG_FORMATS:  # EXIF is in the header: readable before decoding
             orientation = _orientation(im, notes)
             if min_size is not None:
@@ -692,9 +695,11 @@ def _decode(
         else:  # getexif() may decode the whole file (PNG): decode first, so errors are not EXIF's
             im.load()
             orientation = _orientation(im, notes)
+        rotated = False
         if orientation is not None and orientation != 1:
             try:
                 im = ImageOps.exif_transpose(im)
+                rotated = orientation in _ROTATING_ORIENTATIONS
             except (MemoryError, InputError):
                 raise
             except Exception:
@@ -704,7 +709,8 @@ def _decode(
         rgb = _to_rgb(path, im, notes)
         if any(rgb is other for other in opened):
             rgb = rgb.copy()  # the file-backed image is closed below
-        return rgb, fmt
+        width, height = stored_size
+        return rgb, fmt, ((height, width) if rotated else (width, height))
     finally:
         for other in opened:
             other.close()

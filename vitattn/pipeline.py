@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 FORMATS = ("png", "jpg", "webp")
-DRAFT_MARGIN = 2  # JPEG draft decoding keeps at least 2x the resolution that preprocessing and overlays use
+DRAFT_MARGIN = 1  # JPEG draft decoding keeps at least the resolution that preprocessing and overlays use
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ class _Prepared:
     photo: Image.Image  # upright RGB, already shrunk to the overlay size
     box: Box  # crop box in ``photo`` pixels
     tensor: torch.Tensor  # (3, H, W)
-    image_size: tuple[int, int]  # (width, height) of the upright original
+    image_size: tuple[int, int]  # (width, height) of the upright original, full resolution
+    box_full: Box  # crop box in full-resolution photo pixels
     input_stat: dict[str, int]
     warnings: list[str]
 
@@ -196,6 +197,9 @@ class Runner:
             size = photo.size
             self._check_preprocessing_size(item.path, size)
             box = crop_box(self.transform, size)
+            full = loaded_img.size if min(loaded_img.size) > 0 else size  # before JPEG draft reduction
+            fx, fy = full[0] / size[0], full[1] / size[1]
+            box_full = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
             tensor = self.transform(photo)  # (3, H, W)
             photo, box = _shrink(photo, box, self.render_opts.max_side)
         except InputError as err:
@@ -213,7 +217,8 @@ class Runner:
             photo=photo,
             box=box,
             tensor=tensor,
-            image_size=size,
+            image_size=full,
+            box_full=box_full,
             input_stat=input_stat,
             warnings=loaded_img.warnings,
         )
@@ -283,7 +288,7 @@ class Runner:
                 "query": str(att.query),
                 "grid": list(att.grid),
                 "heads": list(self.settings.heads),
-                "crop_box": [round(v, 3) for v in crop_box(self.transform, prep.image_size)],
+                "crop_box": [round(v, 3) for v in prep.box_full],
                 "top": top,
                 "head_stats": _head_stats(att),
                 "files": [*written, META],
