@@ -191,8 +191,46 @@ def heatmap(
             show_default="cls, or patch-mean without a class token",
         ),
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="raw: each block's own attention, per head; rollout: attention rollout from block 0 up to the "
+            "block; grad-rollout: class-specific relevance (gradient-weighted attention) up to the block.",
+        ),
+    ] = "raw",
+    fuse: Annotated[
+        str, typer.Option("--fuse", help="How heads are combined: mean, max or min (the fused map, and rollout).")
+    ] = "mean",
+    discard_ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--discard-ratio",
+            help="rollout: drop this fraction of each row's lowest attention (never a token's own), in [0, 1).",
+            show_default="0",
+        ),
+    ] = None,
+    target_class: Annotated[
+        str | None,
+        typer.Option(
+            "--target-class", help="grad-rollout: the class to explain, an index or top1.", show_default="top1"
+        ),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="Also draw, per map, the smallest set of patches holding this fraction of its mass (e.g. 0.6).",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("vitattn-out"),
-    npy: Annotated[bool, typer.Option("--npy", help="Also write block{B}_attn.npy (heads, grid_h, grid_w).")] = False,
+    npy: Annotated[
+        bool,
+        typer.Option(
+            "--npy", help="Also write block{B}_attn.npy (heads, grid_h, grid_w), or block{B}_{method}.npy."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per input on stdout.")] = False,
     cmap: Annotated[str, typer.Option("--cmap", help="Any matplotlib colormap.")] = "inferno",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.6,
@@ -230,7 +268,7 @@ def heatmap(
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
-    """Draw the attention of one block's heads over each picture."""
+    """Draw the attention of chosen blocks' heads, or a rollout of them, over each picture."""
     params = dict(locals())
     params.pop("ctx")
     if not inputs:
@@ -272,6 +310,10 @@ def _heatmap(progress: _Progress, **o: Any) -> int:
         heads=heads,
         top_k=o["top_k"],
         precision=o["precision"],
+        method=o["method"],
+        fuse=o["fuse"],
+        discard_ratio=o["discard_ratio"],
+        target_class=o["target_class"],
     )
     render = RenderOptions(
         out=out,
@@ -281,6 +323,7 @@ def _heatmap(progress: _Progress, **o: Any) -> int:
         shared_scale=o["shared_scale"],
         npy=o["npy"],
         format=fmt,
+        threshold=o["threshold"],
     )
     max_pixels = DEFAULT_MAX_PIXELS if o["max_pixels"] is None else (o["max_pixels"] or None)
     runner = Runner(

@@ -2,11 +2,14 @@
 
 Layout (B is the non-negative block index; EXT the overlay format)::
 
-    OUT/<rel>/block{B}_head{H}.EXT   one overlay per head
-    OUT/<rel>/block{B}_mean.EXT      the head mean
-    OUT/<rel>/block{B}_grid.EXT      photo + every head + mean, labelled
-    OUT/<rel>/block{B}_attn.npy      with --npy: float32 (heads, grid_h, grid_w)
-    OUT/<rel>/meta.json              written last: an input is done when it is in place
+    OUT/<rel>/block{B}_head{H}.EXT       --method raw: one overlay per head
+    OUT/<rel>/block{B}_mean.EXT          --method raw: the fused heads (block{B}_max / _min with --fuse)
+    OUT/<rel>/block{B}_{METHOD}.EXT      --method rollout / grad-rollout: the method's map
+    OUT/<rel>/block{B}_grid.EXT          photo (+ the method's map) + every head + fused, labelled
+    OUT/<rel>/block{B}_attn.npy          --npy, raw: float32 (heads, grid_h, grid_w)
+    OUT/<rel>/block{B}_{METHOD}.npy      --npy, other methods: float32 (grid_h, grid_w)
+    OUT/<rel>/<overlay>_mask.EXT         --threshold: the smallest set of patches holding that mass
+    OUT/<rel>/meta.json                  written last: an input is done when it is in place
 
 Every file goes to a temporary name in its folder and is renamed into place, so a folder never holds a
 half-written file. A rerun skips inputs whose meta.json records the same settings.
@@ -38,7 +41,23 @@ def head_name(block: int, head: int, ext: str) -> str:
 
 
 def mean_name(block: int, ext: str) -> str:
-    return f"block{block}_mean.{ext}"
+    return fused_name(block, "mean", ext)
+
+
+def fused_name(block: int, fuse: str, ext: str) -> str:
+    """The fused map's overlay: ``block{B}_mean``, ``block{B}_max`` or ``block{B}_min``."""
+    return f"block{block}_{fuse}.{ext}"
+
+
+def method_name(block: int, method: str, ext: str) -> str:
+    """A method's map overlay (``ext``) or array (``npy``): ``block{B}_rollout.png``..."""
+    return f"block{block}_{method}.{ext}"
+
+
+def mask_name(name: str) -> str:
+    """The mask picture that goes with an overlay: ``block3_head0.png`` -> ``block3_head0_mask.png``."""
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}_mask.{ext}" if dot else f"{name}_mask"
 
 
 def grid_name(block: int, ext: str) -> str:

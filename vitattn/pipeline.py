@@ -17,17 +17,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitattn._version import __version__
-from vitattn.attention import ImageAttention, Settings, capturing, forward_batch
-from vitattn.errors import InputError, Reason, VitattnError, display_path
+from vitattn.attention import BlockMaps, ImageAttention, Prediction, Settings, capturing, forward_batch
+from vitattn.errors import CaptureError, InputError, Reason, VitattnError, display_path
 from vitattn.inputs import DEFAULT_MAX_PIXELS, InputItem, load_image
-from vitattn.maps import HeadFusion
+from vitattn.maps import HeadFusion, mass_mask
+from vitattn.methods import Method
 from vitattn.models import LoadedModel, describe
 from vitattn.outputs import (
     META,
     abandon_result,
+    fused_name,
     grid_name,
     head_name,
-    mean_name,
+    mask_name,
+    method_name,
     npy_name,
     raise_if_fatal,
     read_meta,
@@ -59,7 +62,9 @@ class RenderOptions:
         shared_scale: one colour scale across heads (else each head spans its own range).
         npy: also write the raw arrays.
         format: overlay file format: png, jpg or webp.
-        fuse: how heads are combined for the fused map.
+        fuse: how heads are combined for the drawn fused map; None: the settings' ``fuse``.
+        threshold: also draw, for each head and the fused map (or the method's map), the smallest set of
+            patches holding this fraction of the map's mass over the patches, in (0, 1]; None: no masks.
     """
 
     out: Path
@@ -69,7 +74,8 @@ class RenderOptions:
     shared_scale: bool = False
     npy: bool = False
     format: str = "png"
-    fuse: HeadFusion = HeadFusion.mean
+    fuse: HeadFusion | None = None
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,7 @@ class _Prepared:
 
 def settings_record(loaded: LoadedModel, settings: Settings, render: RenderOptions) -> dict[str, Any]:
     """Everything that decides an input's outputs; a rerun with the same record skips the input."""
-    return {
+    record = {
         "model": loaded.spec,
         "weights": loaded.weights,
         "blocks": list(settings.blocks),
@@ -119,14 +125,21 @@ def settings_record(loaded: LoadedModel, settings: Settings, render: RenderOptio
         "heads": list(settings.heads),
         "top_k": settings.top_k,
         "precision": settings.precision,
+        "method": settings.method.value,
+        "discard_ratio": settings.discard_ratio,
+        "target_class": "top1" if settings.target_class is None else settings.target_class,
         "cmap": render.cmap,
         "alpha": render.alpha,
         "max_side": render.max_side,
         "shared_scale": render.shared_scale,
         "npy": render.npy,
         "format": render.format,
-        "fuse": render.fuse.value,
+        "fuse": settings.fuse.value,
+        "threshold": render.threshold,
     }
+    if render.fuse is not None and render.fuse is not settings.fuse:
+        record["render_fuse"] = render.fuse.value
+    return record
 
 
 def _base_record(item: InputItem, loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
@@ -135,6 +148,7 @@ def _base_record(item: InputItem, loaded: LoadedModel, settings: Settings) -> di
         "status": "ok",
         "model": loaded.spec,
         "block": settings.blocks[0],
+        "method": settings.method.value,
         "query": str(settings.query),
         "grid": list(settings.grid),
         "heads": list(settings.heads),
@@ -158,6 +172,8 @@ class Runner:
     """Runs the heatmap job over a stream of inputs. Use :meth:`run`; iterate its outcomes."""
 
     def __init__(self, loaded: LoadedModel, settings: Settings, render: RenderOptions, run: RunOptions) -> None:
+        import numpy as np
+
         from vitattn.render import colormap_lut
 
         self.loaded = loaded
@@ -165,6 +181,9 @@ class Runner:
         self.render_opts = render
         self.opts = run
         self.lut = colormap_lut(render.cmap)  # fails early on a bad name
+        if render.threshold is not None:
+            mass_mask(np.ones((1, 1)), render.threshold)  # fails early on a bad fraction
+        self.fuse = render.fuse or settings.fuse
         self.settings_record = settings_record(loaded, settings, render)
         self.transform = loaded.transform
         self.model_info = describe(loaded)
@@ -188,9 +207,8 @@ class Runner:
                 folder, self.settings_record, overwrite=self.opts.overwrite, path=item.path, input_stat=input_stat
             )
             if state == "skip":
-                files = _record_files(folder, self.settings, self.render_opts)
                 meta = read_meta(folder) or {}
-                record = {**base, "status": "skipped", "files": files, "top": meta.get("top", [])}
+                record = {**base, "status": "skipped", **self._record_rest(folder, meta)}
                 return Outcome(item, "skipped", record, folder)
             loaded_img = load_image(item.path, max_pixels=self.opts.max_pixels, min_size=self.draft_size)
             photo = loaded_img.image
@@ -238,45 +256,15 @@ class Runner:
 
     # -- stage 3: render + write (worker threads) -----------------------------------------------
     def _write(self, prep: _Prepared, att: ImageAttention) -> Outcome:
-        import numpy as np
-
-        from vitattn.render import labelled_grid, overlay_many, scale_maps
-
-        r = self.render_opts
-        ext = r.format
         folder = prep.folder
         base = _base_record(prep.item, self.loaded, self.settings)
         written: list[str] = []
         old: list[str] = []
         try:
             old = start_result(folder)
-            for b, bm in att.blocks.items():
-                fused = bm.fused(r.fuse)  # (gh, gw)
-                stack = np.concatenate([bm.heads, fused[None]], axis=0)  # (H' + 1, gh, gw)
-                scaled = scale_maps(stack, shared=r.shared_scale)
-                photo_only = np.zeros((1, *fused.shape), dtype=np.float32)  # alpha 0: just the dimmed photo
-                pictures = overlay_many(
-                    prep.photo, scaled, crop_box=prep.box, lut=self.lut, alpha=r.alpha, max_side=r.max_side
-                )
-                plain = overlay_many(
-                    prep.photo, photo_only, crop_box=prep.box, lut=self.lut, alpha=0.0, max_side=r.max_side
-                )
-                names = [head_name(b, head, ext) for head in bm.head_ids] + [mean_name(b, ext)]
-                labels = [f"head {head}" for head in bm.head_ids] + [r.fuse.value]
-                for name, picture in zip(names, pictures, strict=True):
-                    _save(picture, folder / name, ext)
-                    written.append(name)
-                best = f" · top: {att.top[0].label} ({att.top[0].prob:.1%})" if att.top else ""
-                title = f"{self.loaded.spec} · block {b} · query {att.query}{best}"
-                tiles = [("photo", plain[0]), *zip(labels, pictures, strict=True)]
-                name = grid_name(b, ext)
-                _save(labelled_grid(tiles, title=title), folder / name, ext)
-                written.append(name)
-                if r.npy:
-                    name = npy_name(b)
-                    write_npy(folder / name, bm.heads.astype(np.float32))
-                    written.append(name)
-            top = [{"index": p.index, "label": p.label, "prob": p.prob} for p in att.top]
+            for bm in att.blocks.values():
+                self._write_block(prep, att, bm, written)
+            top = [_prediction(p) for p in att.top]
             meta = {
                 "vitattn": __version__,
                 "input": base["input"],
@@ -285,6 +273,8 @@ class Runner:
                 "settings": self.settings_record,
                 "model": self.model_info,
                 "blocks": list(self.settings.blocks),
+                "method": att.method.value,
+                "fuse": self.fuse.value,
                 "query": str(att.query),
                 "grid": list(att.grid),
                 "heads": list(self.settings.heads),
@@ -294,6 +284,12 @@ class Runner:
                 "files": [*written, META],
                 "warnings": prep.warnings,
             }
+            if att.method is Method.rollout:
+                meta["discard_ratio"] = self.settings.discard_ratio
+            if att.target is not None:
+                meta["target"] = _prediction(att.target)
+            if self.render_opts.threshold is not None:
+                meta["threshold"] = self.render_opts.threshold
             write_json(folder / META, meta)
         except BaseException as exc:
             abandon_result(folder, [*written, *old])  # a failed input leaves nothing half-done behind
@@ -307,8 +303,71 @@ class Runner:
             return _error_outcome(prep.item, InputError(prep.item.path, Reason.WRITE, detail), base)
         if old:
             remove_files(folder, set(old) - set(written) - {META})
-        record = {**base, "files": _record_files(folder, self.settings, r), "top": top}
+        record = {**base, **self._record_rest(folder, meta)}
         return Outcome(prep.item, "ok", record, folder, warnings=prep.warnings)
+
+    def _write_block(self, prep: _Prepared, att: ImageAttention, bm: BlockMaps, written: list[str]) -> None:
+        """Draw and write one block's files, adding each name to ``written`` as soon as it is in place.
+
+        raw: one overlay per head and the fused map. rollout / grad-rollout: the method's map instead;
+        the grid picture shows the method's map next to the block's raw heads and fused map.
+        """
+        import numpy as np
+
+        from vitattn.render import labelled_grid, mask_overlay, overlay_many, scale_maps
+
+        r = self.render_opts
+        ext, folder, b = r.format, prep.folder, bm.block
+        box, side = prep.box, r.max_side
+        fused = bm.fused(self.fuse)  # (gh, gw)
+        raw = np.concatenate([bm.heads, fused[None]], axis=0)  # (H' + 1, gh, gw)
+        labels = [f"head {h}" for h in bm.head_ids] + [self.fuse.value]
+        raw_names = [head_name(b, h, ext) for h in bm.head_ids] + [fused_name(b, self.fuse.value, ext)]
+        scaled = scale_maps(raw, shared=r.shared_scale)  # (H' + 1, gh, gw)
+        method = att.method
+        if method is Method.raw:
+            maps, names = raw, raw_names  # what gets its own files
+        else:
+            if bm.method_map is None:
+                raise CaptureError(f"block {b}: no {method.value} map was computed")
+            maps, names = bm.method_map[None], [method_name(b, method.value, ext)]  # (1, gh, gw)
+            scaled = np.concatenate([scale_maps(maps, shared=False), scaled], axis=0)  # (1 + H' + 1, gh, gw)
+            labels = [method.value] + [f"raw {label}" for label in labels]
+        pictures = overlay_many(prep.photo, scaled, crop_box=box, lut=self.lut, alpha=r.alpha, max_side=side)
+        blank = np.zeros((1, *fused.shape), np.float32)  # alpha 0: just the dimmed photo
+        plain = overlay_many(prep.photo, blank, crop_box=box, lut=self.lut, alpha=0.0, max_side=side)
+        for name, picture in zip(names, pictures, strict=False):  # the grid-only tiles come after
+            _save(picture, folder / name, ext)
+            written.append(name)
+        if r.threshold is not None:
+            top_color = self.lut[-1]  # the colormap's brightest colour outlines the masks
+            color = (int(top_color[0]), int(top_color[1]), int(top_color[2]))
+            for name, heat in zip(names, maps, strict=True):
+                mask = mass_mask(heat, r.threshold)  # (gh, gw) bool
+                picture = mask_overlay(prep.photo, mask, crop_box=box, color=color, max_side=side)
+                _save(picture, folder / mask_name(name), ext)
+                written.append(mask_name(name))
+        title = f"{self.loaded.spec} · block {b} · {_method_title(att)}query {att.query}"
+        if att.top:
+            title += f" · top: {att.top[0].label} ({att.top[0].prob:.1%})"
+        tiles = [("photo", plain[0]), *zip(labels, pictures, strict=True)]
+        _save(labelled_grid(tiles, title=title), folder / grid_name(b, ext), ext)
+        written.append(grid_name(b, ext))
+        if r.npy:
+            array = bm.heads if method is Method.raw else maps[0]  # (H', gh, gw) or (gh, gw)
+            name = npy_name(b) if method is Method.raw else method_name(b, method.value, "npy")
+            write_npy(folder / name, array.astype(np.float32))
+            written.append(name)
+
+    def _record_rest(self, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """The JSON record's files (first block), every block's files, predictions and statistics."""
+        blocks = [{"block": b, "files": _block_files(folder, b, self.settings, self.render_opts, self.fuse)}
+                  for b in self.settings.blocks]
+        rest: dict[str, Any] = {"files": blocks[0]["files"], "blocks": blocks, "top": meta.get("top", [])}
+        if "target" in meta:
+            rest["target"] = meta["target"]
+        rest["head_stats"] = meta.get("head_stats", {})
+        return rest
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, items: Iterable[InputItem]) -> Generator[Outcome, None, None]:
@@ -445,16 +504,34 @@ def _save(image: Image.Image, path: Path, ext: str) -> None:
     atomic_write(path, lambda tmp: save_image(image, tmp, format=ext))
 
 
-def _record_files(folder: Path, settings: Settings, r: RenderOptions) -> dict[str, Any]:
-    """The ``files`` entry of a JSON record, for the first chosen block."""
-    b = settings.blocks[0]
-    files: dict[str, Any] = {
-        "heads": [str(folder / head_name(b, h, r.format)) for h in settings.heads],
-        "mean": str(folder / mean_name(b, r.format)),
-        "grid": str(folder / grid_name(b, r.format)),
-    }
+def _block_files(folder: Path, b: int, settings: Settings, r: RenderOptions, fuse: HeadFusion) -> dict[str, Any]:
+    """One block's ``files`` entry of a JSON record.
+
+    raw: ``heads`` (one per head), ``mean`` (the fused map, whatever ``fuse`` is), ``grid``, ``npy``, ``masks``
+    (``heads`` and ``mean``). Other methods: ``heads`` (empty), ``map`` (the method's map), ``grid``, ``npy``,
+    ``masks`` (``map``). ``npy`` and ``masks`` only when written; ``meta`` always.
+    """
+    ext = r.format
+    files: dict[str, Any]
+    if settings.method is Method.raw:
+        heads = [head_name(b, h, ext) for h in settings.heads]
+        mean = fused_name(b, fuse.value, ext)
+        files = {"heads": [str(folder / n) for n in heads], "mean": str(folder / mean)}
+        masks: dict[str, Any] = {
+            "heads": [str(folder / mask_name(n)) for n in heads],
+            "mean": str(folder / mask_name(mean)),
+        }
+        npy = npy_name(b)
+    else:
+        name = method_name(b, settings.method.value, ext)
+        files = {"heads": [], "map": str(folder / name)}
+        masks = {"map": str(folder / mask_name(name))}
+        npy = method_name(b, settings.method.value, "npy")
+    files["grid"] = str(folder / grid_name(b, ext))
     if r.npy:
-        files["npy"] = str(folder / npy_name(b))
+        files["npy"] = str(folder / npy)
+    if r.threshold is not None:
+        files["masks"] = masks
     files["meta"] = str(folder / META)
     return files
 
@@ -463,6 +540,17 @@ def _exc_line(exc: BaseException) -> str:
     """An unexpected exception as a short detail: its first line, or its type when it has no message."""
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else type(exc).__name__
+
+
+def _prediction(p: Prediction) -> dict[str, Any]:
+    return {"index": p.index, "label": p.label, "prob": p.prob}
+
+
+def _method_title(att: ImageAttention) -> str:
+    if att.method is Method.raw:
+        return ""
+    target = f" of {att.target.label}" if att.target is not None else ""
+    return f"{att.method.value}{target} · "
 
 
 def _head_stats(att: ImageAttention) -> dict[str, Any]:

@@ -21,11 +21,12 @@ import struct
 import unicodedata
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from vitattn.errors import UsageError
 
@@ -35,6 +36,7 @@ __all__ = [
     "colorize",
     "colormap_lut",
     "labelled_grid",
+    "mask_overlay",
     "overlay",
     "overlay_many",
     "save_image",
@@ -214,6 +216,56 @@ def _span(lo: float, hi: float, n_out: int) -> tuple[int, int]:
     return max(0, math.ceil(lo - 0.5)), min(n_out, math.ceil(hi - 0.5))
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """Where a (gh, gw) grid lands on the fitted photo: the crop region and its grid coordinates.
+
+    Attributes:
+        fitted: the photo in RGB at the output size.
+        base: ``fitted`` when the crop region does not cover all of it (the rest is to be dimmed), else None.
+        region: ``fitted``'s pixels inside the crop box; None when the box misses the photo.
+        origin: the region's top-left corner in ``fitted``.
+        grid_box: the region in grid coordinates (cell j spans [j, j + 1]), as PIL's ``resize(box=...)``.
+    """
+
+    fitted: Image.Image
+    base: Image.Image | None
+    region: Image.Image | None
+    origin: tuple[int, int]
+    grid_box: tuple[float, float, float, float]
+
+
+def _check_crop_box(crop_box: tuple[float, float, float, float]) -> None:
+    left, top, right, bottom = (float(v) for v in crop_box)
+    if not all(map(math.isfinite, (left, top, right, bottom))) or right <= left or bottom <= top:
+        raise ValueError(
+            f"crop_box must be finite (left, top, right, bottom) with right > left and bottom > top, "
+            f"got {crop_box}"
+        )
+
+
+def _place(
+    photo: Image.Image, crop_box: tuple[float, float, float, float], max_side: int, grid: tuple[int, ...]
+) -> _Placement:
+    """Fit the photo to ``max_side`` and find the crop box in output pixels and in grid coordinates."""
+    left, top, right, bottom = (float(v) for v in crop_box)
+    width, height = photo.size
+    fitted = _fit_photo(photo, max_side)  # RGB (out_w, out_h); may be `photo` itself: never mutated
+    out_w, out_h = fitted.size
+    # The crop box in output pixels; a pixel is inside when its centre is.
+    sx, sy = out_w / width, out_h / height
+    bl, bt, br, bb = left * sx, top * sy, right * sx, bottom * sy
+    (x0, x1), (y0, y1) = _span(bl, br, out_w), _span(bt, bb, out_h)
+    full = (x0, y0, x1, y1) == (0, 0, out_w, out_h)
+    if x1 <= x0 or y1 <= y0:
+        return _Placement(fitted, fitted, None, (0, 0), (0.0, 0.0, 0.0, 0.0))
+    gh, gw = grid
+    kx, ky = gw / (br - bl), gh / (bb - bt)  # cells per output pixel
+    grid_box = ((x0 - bl) * kx, (y0 - bt) * ky, (x1 - bl) * kx, (y1 - bt) * ky)
+    region = fitted.crop((x0, y0, x1, y1))  # RGB (nx, ny)
+    return _Placement(fitted, None if full else fitted, region, (x0, y0), grid_box)
+
+
 def _heat_image(
     heat: npt.NDArray[np.float32],
     size: tuple[int, int],
@@ -292,34 +344,16 @@ def overlay_many(
     heats = np.asarray(heats)
     if heats.ndim != 3 or heats.shape[1] == 0 or heats.shape[2] == 0:
         raise ValueError(f"heats must be (K, gh, gw) with gh, gw > 0, got shape {heats.shape}")
-    left, top, right, bottom = (float(v) for v in crop_box)
-    if not all(map(math.isfinite, (left, top, right, bottom))) or right <= left or bottom <= top:
-        raise ValueError(
-            f"crop_box must be finite (left, top, right, bottom) with right > left and bottom > top, "
-            f"got {crop_box}"
-        )
+    _check_crop_box(crop_box)
     _check_lut(lut)
 
-    width, height = photo.size
-    fitted = _fit_photo(photo, max_side)  # RGB (out_w, out_h); may be `photo` itself: never mutated
-    out_w, out_h = fitted.size
-    # The crop box in output pixels; a pixel is inside when its centre is.
-    sx, sy = out_w / width, out_h / height
-    bl, bt, br, bb = left * sx, top * sy, right * sx, bottom * sy
-    (x0, x1), (y0, y1) = _span(bl, br, out_w), _span(bt, bb, out_h)
-
-    if (x0, y0, x1, y1) == (0, 0, out_w, out_h):
-        base = None  # nothing to dim: each output is the blended region itself
-    else:
-        base = fitted.point(_dim_table(dim)) if dim > 0 else fitted
-        if x1 <= x0 or y1 <= y0:  # the box misses the photo: nothing to colour
-            return [base.copy() for _ in range(len(heats))]
-
-    region = fitted.crop((x0, y0, x1, y1))  # RGB (nx, ny)
-    # The region in heat-grid coordinates (cell j spans [j, j + 1]).
-    gh, gw = heats.shape[1:]
-    kx, ky = gw / (br - bl), gh / (bb - bt)  # cells per output pixel
-    grid_box = ((x0 - bl) * kx, (y0 - bt) * ky, (x1 - bl) * kx, (y1 - bt) * ky)
+    place = _place(photo, crop_box, max_side, heats.shape[1:])
+    base = None  # None: nothing to dim, each output is the blended region itself
+    if place.base is not None:
+        base = place.base.point(_dim_table(dim)) if dim > 0 else place.base
+    if place.region is None:  # the box misses the photo: nothing to colour
+        return [base.copy() if base is not None else place.fitted.copy() for _ in range(len(heats))]
+    region, grid_box, (x0, y0) = place.region, place.grid_box, place.origin
     clean = np.nan_to_num(heats.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)  # (K, gh, gw)
     np.clip(clean, 0.0, 1.0, out=clean)
 
@@ -381,6 +415,75 @@ def overlay(
     return overlay_many(
         photo, heat[None], crop_box=crop_box, lut=lut, alpha=alpha, max_side=max_side, dim=dim
     )[0]
+
+
+def mask_overlay(
+    photo: Image.Image,
+    mask: np.ndarray,
+    *,
+    crop_box: tuple[float, float, float, float],
+    color: tuple[int, int, int] = (255, 215, 0),
+    max_side: int = 512,
+    dim: float = 0.45,
+    shade: float = 0.6,
+    line: int = 0,
+) -> Image.Image:
+    """Show a set of patches on the photo: the patches in full brightness, outlined, everything else shaded.
+
+    The mask is drawn on the same geometry as :func:`overlay` (each cell covers its patch of the crop
+    box, nearest-neighbour, so patch borders stay sharp); pixels outside the crop box are dimmed by
+    ``dim``, pixels in the box but outside the mask by ``shade``, and the mask's outline is drawn in
+    ``color``, inside its border.
+
+    Args:
+        photo: As for :func:`overlay`.
+        mask: (gh, gw) bool, e.g. from :func:`vitattn.maps.mass_mask`.
+        crop_box: As for :func:`overlay`.
+        color: RGB of the outline.
+        max_side: As for :func:`overlay`.
+        dim: As for :func:`overlay`.
+        shade: How much to darken the patches outside the mask, 0 .. 1.
+        line: Outline width in pixels; 0 picks about 1/200 of the output's long side (at least 2).
+
+    Returns:
+        A new PIL RGB image, of the same size :func:`overlay` gives.
+
+    Raises:
+        UsageError: ``dim`` or ``shade`` outside [0, 1], ``max_side`` or ``line`` negative.
+        ValueError: ``mask`` is not a non-empty 2-D array, or ``crop_box`` is empty or not finite.
+    """
+    for name, value in (("dim", dim), ("shade", shade)):
+        if not 0.0 <= value <= 1.0:
+            raise UsageError(f"{name} must be between 0 and 1, got {value}")
+    if max_side < 0 or line < 0:
+        raise UsageError(f"max side and line width must not be negative, got {max_side} and {line}")
+    cells = np.asarray(mask, dtype=bool)
+    if cells.ndim != 2 or cells.size == 0:
+        raise ValueError(f"mask must be a non-empty 2-D array (gh, gw), got shape {cells.shape}")
+    _check_crop_box(crop_box)
+
+    place = _place(photo, crop_box, max_side, cells.shape)
+    outside = max(dim, shade)  # outside the crop box is outside the mask too
+    base = place.fitted.point(_dim_table(outside)) if outside > 0 and place.base is not None else place.fitted
+    if place.region is None:  # the box misses the photo: nothing to show
+        return base.copy()
+    region = place.region
+    nx, ny = region.size
+    grid = Image.fromarray(cells.astype(np.uint8) * 255, "L")
+    gh, gw = cells.shape
+    left, top, right, bottom = place.grid_box
+    clamped = (max(left, 0.0), max(top, 0.0), min(right, float(gw)), min(bottom, float(gh)))  # float noise
+    inside = grid.resize((nx, ny), Image.Resampling.NEAREST, box=clamped)  # "L" 0 / 255
+    shown = Image.composite(region, region.point(_dim_table(shade)), inside)  # RGB (nx, ny)
+    width = line or max(2, round(max(place.fitted.size) / 200))
+    # Outline: the mask minus its erosion; padding with "outside" outlines the region's own border too.
+    padded = ImageOps.expand(inside, border=width, fill=0)
+    eroded = padded.filter(ImageFilter.MinFilter(2 * width + 1)).crop((width, width, width + nx, width + ny))
+    edge = ImageChops.subtract(inside, eroded)  # "L" 255 on the outline
+    shown.paste(color, (0, 0, nx, ny), edge)
+    out = base.copy()
+    out.paste(shown, place.origin)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
