@@ -174,8 +174,12 @@ def discard_lowest(matrix: torch.Tensor, ratio: float) -> torch.Tensor:
         return matrix
     scores = matrix.clone()  # (B, N, N)
     scores.diagonal(dim1=-2, dim2=-1).fill_(torch.inf)  # the diagonal is never among the lowest
-    lowest = scores.topk(k, dim=-1, largest=False).indices  # (B, N, k)
-    return matrix.scatter(-1, lowest, 0.0)  # (B, N, N)
+    kth = scores.kthvalue(k, dim=-1, keepdim=True).values  # (B, N, 1) the k-th smallest of each row
+    below = scores < kth  # (B, N, N)
+    tied = scores == kth  # (B, N, N) near-uniform attention has exact ties in float32
+    room = k - below.sum(dim=-1, keepdim=True, dtype=torch.int32)  # (B, N, 1) tied entries still to drop
+    drop = below | (tied & (tied.cumsum(dim=-1, dtype=torch.int32) <= room))  # the first ties by position
+    return matrix.masked_fill(drop, 0.0)  # (B, N, N)
 
 
 def rollout_step(
