@@ -576,6 +576,24 @@ def test_cli_block_all_in_one_pass(photo: Path, tmp_path: Path) -> None:
     assert all(Path(b["files"]["map"]).is_file() for b in rec["blocks"])
 
 
+def test_cli_rerun_skips_and_another_method_needs_overwrite(photo: Path, tmp_path: Path) -> None:
+    args = [str(photo), "-o", str(tmp_path), "-b", "1,3", "--method", "rollout", "--top-k", "0"]
+    code, first, err = invoke(args)
+    assert code == 0, err
+    code, again, err = invoke(args)
+    assert code == 0 and again is not None and again["status"] == "skipped"
+    assert again["blocks"] == first["blocks"] and again["head_stats"] == first["head_stats"]  # type: ignore[index]
+    other = [str(photo), "-o", str(tmp_path), "-b", "1,3", "--method", "grad-rollout"]
+    code, rec, err = invoke(other)
+    assert code == 1 and rec is not None and rec["error"] == "outputs exist (use --overwrite)"
+    code, rec, err = invoke([*other, "--overwrite"])
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "wide.jpg").iterdir())
+    assert names == sorted(
+        ["block1_grad-rollout.png", "block1_grid.png", "block3_grad-rollout.png", "block3_grid.png", "meta.json"]
+    )  # the rollout files are gone
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -116,8 +116,12 @@ class _Prepared:
 
 
 def settings_record(loaded: LoadedModel, settings: Settings, render: RenderOptions) -> dict[str, Any]:
-    """Everything that decides an input's outputs; a rerun with the same record skips the input."""
-    record = {
+    """Everything that decides an input's outputs; a rerun with the same record skips the input.
+
+    Options added after the first release appear only when they differ from their defaults, so results made
+    before them still count as done with the default settings.
+    """
+    record: dict[str, Any] = {
         "model": loaded.spec,
         "weights": loaded.weights,
         "blocks": list(settings.blocks),
@@ -125,9 +129,6 @@ def settings_record(loaded: LoadedModel, settings: Settings, render: RenderOptio
         "heads": list(settings.heads),
         "top_k": settings.top_k,
         "precision": settings.precision,
-        "method": settings.method.value,
-        "discard_ratio": settings.discard_ratio,
-        "target_class": "top1" if settings.target_class is None else settings.target_class,
         "cmap": render.cmap,
         "alpha": render.alpha,
         "max_side": render.max_side,
@@ -135,8 +136,15 @@ def settings_record(loaded: LoadedModel, settings: Settings, render: RenderOptio
         "npy": render.npy,
         "format": render.format,
         "fuse": settings.fuse.value,
-        "threshold": render.threshold,
     }
+    if settings.method is not Method.raw:
+        record["method"] = settings.method.value
+    if settings.discard_ratio:
+        record["discard_ratio"] = settings.discard_ratio
+    if settings.target_class is not None:
+        record["target_class"] = settings.target_class
+    if render.threshold is not None:
+        record["threshold"] = render.threshold
     if render.fuse is not None and render.fuse is not settings.fuse:
         record["render_fuse"] = render.fuse.value
     return record
