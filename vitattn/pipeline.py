@@ -78,6 +78,11 @@ class RenderOptions:
     threshold: float | None = None
 
 
+def _default_workers() -> int:
+    """Threads per side stage (load, write): 2 on a small machine, up to 8 where cores allow (GPU hosts)."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How the batch run behaves."""
@@ -86,8 +91,8 @@ class RunOptions:
     overwrite: bool = False
     fail_fast: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
-    decode_workers: int = 1
-    render_workers: int = 2
+    decode_workers: int = field(default_factory=_default_workers)
+    render_workers: int = field(default_factory=_default_workers)
 
 
 @dataclass
