@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -36,20 +37,40 @@ from vitattn.inputs import (
 )
 
 
-def skip_if_reads_everything(folder: Path) -> None:
-    """Skip when permissions are not enforced for us (root, unless its capabilities are dropped)."""
-    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
-        return
+_NO_DAC_ENV = "VITATTN_TEST_WITHOUT_DAC_OVERRIDE"
+_DAC_CAPS = "-dac_override,-dac_read_search"
+
+
+def permissions_enforced(folder: Path) -> bool:
+    """True when a mode-000 file cannot be read by this process (false for root with its usual capabilities)."""
     probe = folder / "probe"
     probe.write_bytes(b"x")
     probe.chmod(0)
     try:
         with open(probe, "rb"):
-            pytest.skip("root reads everything")
+            return False
     except PermissionError:
-        pass
+        return True
     finally:
         probe.unlink()
+
+
+def ran_without_dac_override(request: pytest.FixtureRequest, folder: Path) -> bool:
+    """As root, run this test again in a child pytest without the capabilities that bypass file permissions.
+
+    Returns True when the child ran it (and passed); the caller then returns. Never skips: a machine where
+    permissions cannot be enforced at all fails the test.
+    """
+    if permissions_enforced(folder):
+        return False
+    assert os.environ.get(_NO_DAC_ENV) is None, "permissions are not enforced even without DAC override"
+    assert shutil.which("setpriv"), "running as root: setpriv (util-linux) is needed to drop DAC override"
+    cmd = ["setpriv", f"--bounding-set={_DAC_CAPS}", f"--inh-caps={_DAC_CAPS}"]
+    cmd += [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid]
+    env = {**os.environ, _NO_DAC_ENV: "1"}
+    proc = subprocess.run(cmd, cwd=request.config.rootpath, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout + proc.stderr
+    return True
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -346,8 +367,9 @@ def test_unreadable_subfolder_is_reported(tmp_path: Path, monkeypatch: pytest.Mo
     assert reasons(items(str(tmp_path / "secret"))) == {"secret": Reason.PERMISSION}
 
 
-def test_unreadable_subfolder_for_real(tmp_path: Path) -> None:
-    skip_if_reads_everything(tmp_path)
+def test_unreadable_subfolder_for_real(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if ran_without_dac_override(request, tmp_path):
+        return
     touch_jpeg(tmp_path / "secret" / "b.jpg")
     (tmp_path / "secret").chmod(0)
     try:
@@ -356,8 +378,9 @@ def test_unreadable_subfolder_for_real(tmp_path: Path) -> None:
         (tmp_path / "secret").chmod(0o755)
 
 
-def test_unreadable_file(tmp_path: Path) -> None:
-    skip_if_reads_everything(tmp_path)
+def test_unreadable_file(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if ran_without_dac_override(request, tmp_path):
+        return
     path = touch_jpeg(tmp_path / "secret.jpg")
     path.chmod(0)
     assert items(str(path))[0].error is None  # found; the load reports it
