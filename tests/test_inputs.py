@@ -36,7 +36,6 @@ from vitattn.inputs import (
     load_image,
 )
 
-
 _NO_DAC_ENV = "VITATTN_TEST_WITHOUT_DAC_OVERRIDE"
 _DAC_CAPS = "-dac_override,-dac_read_search"
 
