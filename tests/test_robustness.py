@@ -49,8 +49,14 @@ def invoke(args: list[str], stdin: bytes | None = None) -> tuple[int, bytes, str
     return result.exit_code, result.stdout_bytes, result.stderr
 
 
+# As root, CLI processes run without the capabilities that bypass file permissions, so unreadable files and
+# folders are tested for real rather than skipped.
+_DAC_CAPS = "-dac_override,-dac_read_search"
+DROP_DAC = ["setpriv", f"--bounding-set={_DAC_CAPS}", f"--inh-caps={_DAC_CAPS}"] if IS_ROOT else []
+
+
 def command(*args: str | bytes) -> list[str | bytes]:
-    return [sys.executable, "-m", "vitattn", "heatmap", *args]
+    return [*DROP_DAC, sys.executable, "-m", "vitattn", "heatmap", *args]
 
 
 def summary(stderr: str) -> tuple[int, int, int, int]:
@@ -190,13 +196,12 @@ def build_corpus(root: Path) -> Corpus:
     c.bad["dangling.jpg"] = Reason.NO_SUCH_FILE
     (root / "loop.jpg").symlink_to(root / "loop.jpg")
     c.bad["loop.jpg"] = Reason.SYMLINK_LOOP
-    if not IS_ROOT:  # root reads everything
-        corpus.write(root, "locked.png", png).chmod(0)
-        c.bad["locked.png"] = Reason.PERMISSION
-        (root / "secret").mkdir()
-        corpus.write(root / "secret", "hidden-away.png", png)
-        (root / "secret").chmod(0)
-        c.bad["secret"] = Reason.PERMISSION
+    corpus.write(root, "locked.png", png).chmod(0)  # CLI processes run with permissions enforced (DROP_DAC)
+    c.bad["locked.png"] = Reason.PERMISSION
+    (root / "secret").mkdir()
+    corpus.write(root / "secret", "hidden-away.png", png)
+    (root / "secret").chmod(0)
+    c.bad["secret"] = Reason.PERMISSION
     (root / "notes.txt").write_text("not an image, not picked up")
     (root / ".hidden.jpg").write_bytes(b"hidden, not picked up")
     return c
@@ -256,7 +261,14 @@ def test_corpus_as_a_nul_separated_list(corpus_dir: Corpus, tmp_path: Path) -> N
     names = sorted(n for n in [*c.good, *c.warned, *c.bad] if n != "secret")  # files only: the same paths
     stdin = b"".join(os.fsencode(c.path(n)) + b"\0" for n in names)
     out = tmp_path / "out"
-    code, stdout, stderr = invoke(["-0", "-", "--json", "-o", str(out), *MODEL, "--batch-size", "4"], stdin)
+    proc = subprocess.run(
+        command("-0", "-", "--json", "-o", str(out), *MODEL, "--batch-size", "4"),
+        input=stdin,
+        capture_output=True,
+        env=ENV,
+        timeout=240,
+    )
+    code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "backslashreplace")
     assert code == 1, stderr
     expected_bad = {c.path(n): r for n, r in c.bad.items() if n != "secret"}
     assert_errors(stderr, expected_bad)
@@ -548,14 +560,22 @@ def test_bad_outputs_devices_and_weights_are_one_line(tmp_path: Path) -> None:
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda", *MODEL], 2, "CUDA is not available"))
-    if not IS_ROOT:
-        cases.append((["-m", "test_vit", "--weights", str(locked)], 3, "locked.pth"))
     for args, want, message in cases:
         code, stdout, stderr = invoke([photo, *(["-o", str(tmp_path / "never")] if "-o" not in args else []), *args])
         assert code == want and message in stderr, (args, stderr)
         assert len(lines(stderr, "error")) == 1 and stdout == b"" and "Traceback" not in stderr
         assert not SUMMARY.search(stderr)  # nothing was run
     assert not (tmp_path / "never").exists() and afile.read_bytes() == b"keep me"
+    # an unreadable weights file: in a process with permissions enforced, also as root (DROP_DAC)
+    proc = subprocess.run(
+        command(photo, "-o", str(tmp_path / "never"), "-m", "test_vit", "--weights", str(locked)),
+        capture_output=True,
+        env=ENV,
+        timeout=120,
+    )
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 3 and "locked.pth" in stderr and len(lines(stderr, "error")) == 1, stderr
+    assert not (tmp_path / "never").exists()
 
 
 # -- 10: pipes -------------------------------------------------------------------------------------------

@@ -167,8 +167,10 @@ def heatmap(
         str, typer.Option("-m", "--model", help="timm model name, hf-hub:ORG/NAME or local-dir:PATH.")
     ] = DEFAULT_MODEL,
     weights: Annotated[
-        Path | None,
-        typer.Option("--weights", help="Local checkpoint (.safetensors, .pth, .pt, .bin).", show_default=False),
+        str | None,  # a plain string: the loader, not the parser, reports a missing or unreadable file
+        typer.Option(
+            "--weights", metavar="FILE", help="Local checkpoint (.safetensors, .pth, .pt, .bin).", show_default=False
+        ),
     ] = None,
     no_pretrained: Annotated[
         bool, typer.Option("--no-pretrained", help="Random weights (the maps are meaningless; for testing).")
