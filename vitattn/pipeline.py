@@ -360,7 +360,7 @@ class Runner:
                 picture = mask_overlay(prep.photo, mask, crop_box=box, color=color, max_side=side)
                 _save(picture, folder / mask_name(name), ext)
                 written.append(mask_name(name))
-        title = f"{self.loaded.spec} · block {b} · {_method_title(att)}query {att.query}"
+        title = f"{_short_spec(self.loaded.spec)} · block {b} · {_method_title(att)}query {att.query}"
         if att.top:
             title += f" · top: {att.top[0].label} ({att.top[0].prob:.1%})"
         tiles = [("photo", plain[0]), *zip(labels, pictures, strict=True)]
@@ -495,6 +495,13 @@ def _ordered_map(
             yield inflight.popleft().result()
     while inflight:
         yield inflight.popleft().result()
+
+
+def _short_spec(spec: str) -> str:
+    """A spec short enough for a picture title: ``local-dir:/a/long/path/shapes_vit`` -> ``local-dir:shapes_vit``."""
+    if spec.startswith("local-dir:"):
+        return "local-dir:" + (Path(spec.removeprefix("local-dir:")).name or spec.removeprefix("local-dir:"))
+    return spec
 
 
 def _shrink(photo: Image.Image, box: Box, max_side: int) -> tuple[Image.Image, Box]:
