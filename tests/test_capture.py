@@ -6,11 +6,11 @@ model to timm's unfused path and records each ``Tensor.softmax`` output of the f
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 import torch
+from reference import recorded_attention
 
 from vitattn.attention import capturing, forward_batch, resolve_settings
 from vitattn.capture import AttentionCapture
@@ -49,26 +49,8 @@ def queries_for(roles: tuple[str, ...], grid: tuple[int, int]) -> list[str]:
 
 def reference_attention(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Every block's attention probabilities through timm's unfused path: [(B, H, N, N)] by block."""
-    ref = copy.deepcopy(model)
-    for blk in ref.blocks:
-        blk.attn.fused_attn = False
-    recorded: list[torch.Tensor] = []
-    original = torch.Tensor.softmax
-
-    def recording_softmax(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = original(self, *args, **kwargs)
-        if out.dim() == 4:
-            recorded.append(out.detach().clone())
-        return out
-
-    torch.Tensor.softmax = recording_softmax  # type: ignore[method-assign]
-    try:
-        with torch.inference_mode():
-            ref(x)
-    finally:
-        torch.Tensor.softmax = original  # type: ignore[method-assign]
-    assert len(recorded) == len(ref.blocks), "reference must see one softmax per block"
-    return recorded
+    with torch.inference_mode():
+        return recorded_attention(model, x, grad=False)[1]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

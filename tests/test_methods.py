@@ -11,7 +11,6 @@ Layers, as in the rest of the suite:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference import recorded_attention
 from torch import nn
 from typer.testing import CliRunner
 
@@ -92,32 +92,6 @@ def ref_grad_rollout(attns: list[torch.Tensor], grads: list[torch.Tensor]) -> li
         r = r + a_bar @ r
         out.append(r)
     return out
-
-
-def recorded_attention(model: nn.Module, x: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Every block's attention from timm's unfused path on a copy of the model (with gradients if ``grad``)."""
-    ref = copy.deepcopy(model)
-    for blk in ref.blocks:
-        blk.attn.fused_attn = False
-    recorded: list[torch.Tensor] = []
-    original = torch.Tensor.softmax
-
-    def recording_softmax(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = original(self, *args, **kwargs)
-        if out.dim() == 4:
-            if grad:
-                out.retain_grad()
-            recorded.append(out)
-        return out
-
-    torch.Tensor.softmax = recording_softmax  # type: ignore[method-assign]
-    try:
-        with torch.set_grad_enabled(grad):
-            logits = ref(x)
-    finally:
-        torch.Tensor.softmax = original  # type: ignore[method-assign]
-    assert len(recorded) == len(ref.blocks)
-    return logits, recorded
 
 
 def ref_row(matrix: torch.Tensor, query: str, roles: tuple[str, ...], grid: tuple[int, int]) -> torch.Tensor:
