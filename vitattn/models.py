@@ -421,13 +421,19 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
 def supported_models(pattern: str = "") -> list[str]:
     """timm model names (optionally matching a wildcard ``pattern``) that vitattn can handle.
 
-    Decided from the architecture's constructor without building each model: families built on
-    timm's ViT-style classes with global attention blocks.
+    Decided without building each model: the families built on timm's ViT-style classes, less the variants
+    whose blocks run attention inside a fused parallel block (no ``block.attn``), which
+    :func:`token_layout` refuses. ``tests/test_models.py`` checks both sides on the meta device.
     """
+    import fnmatch
+
     import timm
 
-    families = ("vision_transformer", "deit", "beit", "eva", "vision_transformer_relpos")
     names: list[str] = []
-    for module in families:
+    for module in _SUPPORTED_MODULES:
         names.extend(timm.list_models(pattern or "*", module=module))
-    return sorted(set(names))
+    return sorted(n for n in set(names) if not any(fnmatch.fnmatch(n, x) for x in _PARALLEL_BLOCK_MODELS))
+
+
+_SUPPORTED_MODULES = ("vision_transformer", "deit", "beit", "eva", "vision_transformer_relpos")
+_PARALLEL_BLOCK_MODELS = ("*_18x2_*", "*_xp_*", "vit_pwee_*", "vit_dpwee_*")
