@@ -194,27 +194,14 @@ class _Finder:
     def named(self, path: str) -> Iterator[InputItem]:
         """A path given on the command line: a file, a folder to scan, or an error."""
         rel = _sanitize_rel(os.path.basename(path.rstrip("/" + (os.altsep or ""))))
-        if "\0" in path:
-            yield from self._emit("nul:" + path, path, rel, _nul_error(path))
-            return
-        real = os.path.realpath(path)
-        if self._is_excluded(real):
-            return
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            yield from self._emit(real, path, rel, _discovery_error(path, exc))
-            return
-        if stat.S_ISDIR(st.st_mode):
-            yield from self._scan(path, real, st)
-        elif stat.S_ISREG(st.st_mode):
-            yield from self._emit(real, path, rel, None)
-        else:
-            yield from self._emit(real, path, rel, _not_regular(path, st.st_mode))
+        yield from self._source(path, rel, folders_allowed=True)
 
     def listed(self, path: str) -> Iterator[InputItem]:
         """A path read from stdin: a file or an error (a folder is an error here)."""
-        rel = _sanitize_rel(path)
+        yield from self._source(path, _sanitize_rel(path), folders_allowed=False)
+
+    def _source(self, path: str, rel: str, *, folders_allowed: bool) -> Iterator[InputItem]:
+        """One named or listed path: a file, a folder to scan (when allowed), or an error; never raises."""
         if "\0" in path:
             yield from self._emit("nul:" + path, path, rel, _nul_error(path))
             return
@@ -225,6 +212,9 @@ class _Finder:
             st = os.stat(path)
         except OSError as exc:
             yield from self._emit(real, path, rel, _discovery_error(path, exc))
+            return
+        if stat.S_ISDIR(st.st_mode) and folders_allowed:
+            yield from self._scan(path, real, st)
             return
         if stat.S_ISDIR(st.st_mode):
             error: InputError | None = InputError(path, Reason.IS_DIRECTORY)
