@@ -210,3 +210,9 @@ def test_no_inputs_with_a_terminal_prints_usage() -> None:
         os.close(leader)
         os.close(follower)
     assert proc.returncode == 2 and b"Usage" in proc.stderr and proc.stdout == b""
+
+
+def test_cli_default_model_is_the_library_default() -> None:
+    from vitattn import cli, models
+
+    assert cli.DEFAULT_MODEL == models.DEFAULT_MODEL  # kept in cli.py so that --help imports nothing heavy
