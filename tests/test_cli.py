@@ -216,3 +216,15 @@ def test_cli_default_model_is_the_library_default() -> None:
     from vitattn import cli, models
 
     assert cli.DEFAULT_MODEL == models.DEFAULT_MODEL  # kept in cli.py so that --help imports nothing heavy
+
+
+def test_stdin_list_with_stdin_closed_is_a_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitattn", "heatmap", "-", "-o", str(tmp_path / "o"), *MODEL],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=lambda: os.close(0),  # the child starts with no stdin at all
+    )
+    assert proc.returncode == 2 and b"stdin is closed" in proc.stderr and not (tmp_path / "o").exists()

@@ -300,6 +300,11 @@ def _heatmap(progress: _Progress, **o: Any) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
     heads = _parse_ints(o["heads"], "heads")
+    stdin = None
+    if "-" in o["inputs"]:
+        if sys.stdin is None:
+            raise UsageError("- reads paths from stdin, but stdin is closed")
+        stdin = sys.stdin.buffer
     if o["weights"] is not None and o["no_pretrained"]:
         raise UsageError("--weights and --no-pretrained contradict each other")
     loaded = load_model(o["model"], weights=o["weights"], pretrained=not o["no_pretrained"], device=o["device"])
@@ -337,7 +342,6 @@ def _heatmap(progress: _Progress, **o: Any) -> int:
         ),
     )
     prepare_out_root(out)
-    stdin = sys.stdin.buffer if "-" in o["inputs"] and sys.stdin is not None else None
     items = iter_inputs(o["inputs"], recursive=o["recursive"], null_separated=o["null"], stdin=stdin, exclude=[out])
     progress.started = True
     with contextlib.closing(runner.run(items)) as outcomes:  # closing drains the write workers, also on errors
