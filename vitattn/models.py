@@ -49,10 +49,6 @@ class TokenLayout:
     def has_cls(self) -> bool:
         return "cls" in self.roles
 
-    @property
-    def has_dist(self) -> bool:
-        return "dist" in self.roles
-
     def grid_for(self, input_hw: tuple[int, int]) -> tuple[int, int]:
         """Patch grid (rows, cols) for an input of this (height, width) in pixels."""
         return input_hw[0] // self.patch_size[0], input_hw[1] // self.patch_size[1]

@@ -40,10 +40,6 @@ def head_name(block: int, head: int, ext: str) -> str:
     return f"block{block}_head{head}.{ext}"
 
 
-def mean_name(block: int, ext: str) -> str:
-    return fused_name(block, "mean", ext)
-
-
 def fused_name(block: int, fuse: str, ext: str) -> str:
     """The fused map's overlay: ``block{B}_mean``, ``block{B}_max`` or ``block{B}_min``."""
     return f"block{block}_{fuse}.{ext}"
@@ -86,7 +82,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
-        with _suppress_os():
+        with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, OSError):
             raise_if_fatal(exc, path)
@@ -99,31 +95,12 @@ def raise_if_fatal(exc: OSError, path: Path) -> None:
         raise OutputError(f"cannot write {display_path(path)}: {os.strerror(exc.errno or 0)}") from exc
 
 
-class _suppress_os:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, *args: object) -> bool:
-        return exc_type is not None and issubclass(exc_type, OSError)
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    atomic_write(path, write)
-
-
-def write_json(path: Path, obj: Any, *, sync: bool = False) -> None:
+def write_json(path: Path, obj: Any) -> None:
     data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape")
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
 
     atomic_write(path, write)
 
@@ -146,7 +123,7 @@ def remove_stale_temps(folder: Path) -> None:
         return
     for entry in entries:
         if TMP_MARK in entry.name and entry.is_file(follow_symlinks=False):
-            with _suppress_os():
+            with contextlib.suppress(OSError):
                 os.unlink(entry.path)
 
 
@@ -224,7 +201,7 @@ def start_result(folder: Path) -> list[str]:
 def abandon_result(folder: Path, written: Iterable[str]) -> None:
     """After a failed write: remove the files this attempt wrote, and the folder when that empties it."""
     remove_files(folder, written)
-    with _suppress_os():
+    with contextlib.suppress(OSError):
         folder.rmdir()
 
 
@@ -233,7 +210,7 @@ def remove_files(folder: Path, names: Iterable[str]) -> None:
     for name in names:
         if "/" in name or name in ("", ".", ".."):
             continue
-        with _suppress_os():
+        with contextlib.suppress(OSError):
             (folder / name).unlink()
 
 
