@@ -115,6 +115,22 @@ def test_query_heads_and_format_options(photos: Path, tmp_path: Path) -> None:
         assert im.format == "JPEG" and im.size == (200, 120)  # --max-side 0: original size
 
 
+@pytest.mark.parametrize(("max_side", "size"), [("0", (1400, 1000)), ("512", (512, 366)), ("600", (600, 429))])
+def test_large_jpeg_overlays_keep_the_asked_resolution(tmp_path: Path, max_side: str, size: tuple[int, int]) -> None:
+    # JPEGs are decoded at a reduced scale when that is enough; never below what --max-side asks for.
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "big.jpg"
+    Image.fromarray(rng.integers(0, 255, (1000, 1400, 3), dtype=np.uint8)).save(photo, quality=80)
+    out = tmp_path / max_side
+    args = ["heatmap", str(photo), "-o", str(out), *MODEL, "--max-side", max_side, "--top-k", "0", "--json"]
+    code, stdout, stderr = invoke(args)
+    assert code == 0, stderr
+    rec = json.loads(stdout)
+    for name in [*rec["files"]["heads"], rec["files"]["mean"]]:
+        with Image.open(name) as im:
+            assert im.size == size  # 0: the photo's own size, not that of a reduced decode
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [

@@ -604,6 +604,11 @@ def test_draft_decodes_jpeg_at_reduced_scale(tmp_path: Path) -> None:
     exif[0x0112] = 6
     rotated = save(image, tmp_path / "rotated.jpg", exif=exif.tobytes())
     assert load_image(str(rotated), min_size=(200, 300)).image.size == (250, 400)
+    # the long side also bounds the scale: short side >= 100 alone allows 1/8 (125x200), long side >= 300 not
+    assert load_image(str(rotated), min_size=(100, 100), min_long_side=300).image.size == (250, 400)
+    assert load_image(str(rotated), min_size=(100, 100), min_long_side=201).image.size == (250, 400)
+    assert load_image(str(rotated), min_size=(100, 100), min_long_side=200).image.size == (125, 200)
+    assert load_image(str(plain), min_size=(100, 100), min_long_side=401).image.size == (800, 600)
     png = corpus.lossless(tmp_path, "png")
     assert load_image(str(png), min_size=(1, 1)).image.size == (4, 2)  # only JPEG is drafted
 

@@ -436,6 +436,7 @@ def load_image(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     min_size: tuple[int, int] | None = None,
+    min_long_side: int = 0,
 ) -> LoadedImage:
     """Load one picture as upright 8-bit RGB, or explain exactly why not.
 
@@ -454,6 +455,8 @@ def load_image(
         min_size: ``(width, height)`` the caller needs at least (in upright orientation).
             A JPEG is then decoded at the smallest 1/2, 1/4 or 1/8 scale that is still at
             least this big on both sides, which is much faster for large photos.
+        min_long_side: With ``min_size``: the reduced picture's long side must be at least this
+            long too (e.g. the overlay size, while ``min_size`` is what the model's transform needs).
 
     Returns:
         The picture, its format and any warnings.
@@ -466,7 +469,7 @@ def load_image(
     notes: list[str] = []
     try:
         with _open_regular(path) as fp, _PILLOW.load(max_pixels) as caught:
-            image, fmt, size = _decode(path, fp, max_pixels, min_size, notes)
+            image, fmt, size = _decode(path, fp, max_pixels, min_size, min_long_side, notes)
         notes.extend(note for note in _warning_notes(caught) if note not in notes)
     except (InputError, MemoryError):
         raise
@@ -654,6 +657,7 @@ def _decode(
     fp: BinaryIO,
     max_pixels: int | None,
     min_size: tuple[int, int] | None,
+    min_long_side: int,
     notes: list[str],
 ) -> tuple[Image.Image, str, tuple[int, int]]:
     opened: list[Image.Image] = []
@@ -679,6 +683,10 @@ def _decode(
                 want_w, want_h = min_size
                 if orientation in _ROTATING_ORIENTATIONS:  # draft acts on the stored, unrotated picture
                     want_w, want_h = want_h, want_w
+                if stored_size[0] >= stored_size[1]:  # the long side stays long when rotated
+                    want_w = max(want_w, min_long_side)
+                else:
+                    want_h = max(want_h, min_long_side)
                 if want_w > 0 and want_h > 0:
                     im.draft("RGB", (want_w, want_h))
             im.load()

@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 FORMATS = ("png", "jpg", "webp")
-DRAFT_MARGIN = 1  # JPEG draft decoding keeps at least the resolution that preprocessing and overlays use
 
 
 @dataclass(frozen=True)
@@ -202,8 +201,11 @@ class Runner:
         self.model_info = describe(loaded)
         _, h, w = loaded.data_config["input_size"]
         crop_pct = float(loaded.data_config.get("crop_pct") or 1.0)
-        need = max(int(max(h, w) / crop_pct), render.max_side) * DRAFT_MARGIN
-        self.draft_size = (need, need)
+        # JPEG draft decoding: the short side keeps what the model's resize needs, the long side the overlay
+        # size; --max-side 0 asks for the photo's own size, so nothing is reduced.
+        need = int(max(h, w) / crop_pct)
+        self.draft_size: tuple[int, int] | None = (need, need) if render.max_side > 0 else None
+        self.draft_long_side = render.max_side
         self._stop = False
         self._write_failed = False  # set by a write worker; with fail_fast, no more inputs are taken
 
@@ -223,7 +225,9 @@ class Runner:
                 meta = read_meta(folder) or {}
                 record = {**base, "status": "skipped", **self._record_rest(folder, meta)}
                 return Outcome(item, "skipped", record, folder)
-            loaded_img = load_image(item.path, max_pixels=self.opts.max_pixels, min_size=self.draft_size)
+            loaded_img = load_image(
+                item.path, max_pixels=self.opts.max_pixels, min_size=self.draft_size, min_long_side=self.draft_long_side
+            )
             photo = loaded_img.image
             size = photo.size
             self._check_preprocessing_size(item.path, size)
