@@ -331,7 +331,7 @@ class Runner:
         """
         import numpy as np
 
-        from vitattn.render import labelled_grid, mask_overlay, overlay_many, scale_maps
+        from vitattn.render import GRID_TILE_SIDE, labelled_grid, mask_overlay, overlay_many, scale_maps
 
         r = self.render_opts
         ext, folder, b = r.format, prep.folder, bm.block
@@ -350,10 +350,9 @@ class Runner:
             maps, names = bm.method_map[None], [method_name(b, method.value, ext)]  # (1, gh, gw)
             scaled = np.concatenate([scale_maps(maps, shared=False), scaled], axis=0)  # (1 + H' + 1, gh, gw)
             labels = [method.value] + [f"raw {label}" for label in labels]
-        pictures = overlay_many(prep.photo, scaled, crop_box=box, lut=self.lut, alpha=r.alpha, max_side=side)
-        blank = np.zeros((1, *fused.shape), np.float32)  # alpha 0: just the dimmed photo
-        plain = overlay_many(prep.photo, blank, crop_box=box, lut=self.lut, alpha=0.0, max_side=side)
-        for name, picture in zip(names, pictures, strict=False):  # the grid-only tiles come after
+        pictures = overlay_many(prep.photo, scaled[: len(names)], crop_box=box, lut=self.lut, alpha=r.alpha,
+                                max_side=side)
+        for name, picture in zip(names, pictures, strict=True):
             _save(picture, folder / name, ext)
             written.append(name)
         if r.threshold is not None:
@@ -367,7 +366,14 @@ class Runner:
         title = f"{_short_spec(self.loaded.spec)} · block {b} · {_method_title(att)}query {att.query}"
         if att.top:
             title += f" · top: {att.top[0].label} ({att.top[0].prob:.1%})"
-        tiles = [("photo", plain[0]), *zip(labels, pictures, strict=True)]
+        # Grid tiles are drawn at tile size from a small copy of the photo rather than by shrinking the
+        # full-size overlays: a fifth of the pixels, and the same picture up to resampling.
+        tile_photo, tile_box = _shrink(prep.photo, box, GRID_TILE_SIDE)
+        small = overlay_many(tile_photo, scaled, crop_box=tile_box, lut=self.lut, alpha=r.alpha,
+                             max_side=GRID_TILE_SIDE)
+        blank = np.zeros((1, *fused.shape), np.float32)  # alpha 0: just the dimmed photo
+        plain = overlay_many(tile_photo, blank, crop_box=tile_box, lut=self.lut, alpha=0.0, max_side=GRID_TILE_SIDE)
+        tiles = [("photo", plain[0]), *zip(labels, small, strict=True)]
         _save(labelled_grid(tiles, title=title), folder / grid_name(b, ext), ext)
         written.append(grid_name(b, ext))
         if r.npy:
