@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 
 from vitattn.cli import app
 from vitattn.inputs import load_image
-from vitattn.preprocess import crop_box
+from vitattn.preprocess import crop_box, photo_tensor, tensor_transform
 
 CONFIGS = [
     {"input_size": (3, 224, 224), "crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic"},
@@ -95,3 +96,70 @@ def test_transform_is_the_models_own(tmp_path: Path) -> None:
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 451, 3), dtype=np.uint8))
     torch.testing.assert_close(loaded.transform(photo), ref(photo))
     assert loaded.transform(photo).shape == (3, 240, 240)
+
+
+def _photo_like(size: tuple[int, int], seed: int) -> Image.Image:
+    """Smooth colour fields plus noise: edges and texture where resampling filters differ."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    coarse = Image.fromarray(rng.integers(0, 255, (h // 8 + 2, w // 8 + 2, 3), dtype=np.uint8))
+    arr = np.asarray(coarse.resize(size, Image.Resampling.BICUBIC)).astype(np.int16)
+    arr += rng.integers(-25, 25, arr.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_tensor_transform_gives_the_models_transform_within_rounding(config: dict[str, Any]) -> None:
+    transform = create_transform(**config)
+    fast = tensor_transform(transform)
+    if config["crop_mode"] == "border":  # ResizeKeepRatio + CenterCropOrPad: not recognised, PIL path
+        assert fast is None
+        return
+    assert fast is not None
+    std = torch.as_tensor(transform.transforms[-1].std).view(3, 1, 1)
+    for i, size in enumerate([(800, 600), (600, 800), (331, 500), (230, 240), (1281, 961), (97, 61)]):
+        photo = _photo_like(size, i)
+        expected = transform(photo)  # the model's own transform on the PIL picture
+        got = fast(photo_tensor(photo))
+        assert got is not None and got.shape == expected.shape and got.dtype == torch.float32
+        levels = ((got - expected) * std * 255.0).abs()  # (3, h, w) in 8-bit levels
+        assert levels.max() <= 2.0 + 1e-3, size
+        assert levels.mean() < 0.25, size  # most values identical (bicubic: > 99 %), the rest one level off
+
+
+def test_tensor_transform_leaves_padding_crops_and_other_steps_to_the_transform() -> None:
+    from torchvision import transforms as T
+
+    norm = T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    padding = T.Compose([T.Resize(40), T.CenterCrop(48), T.ToTensor(), norm])
+    fast = tensor_transform(padding)
+    assert fast is not None and fast(photo_tensor(_photo_like((80, 60), 0))) is None  # 53x40 < 48x48: pads
+    assert fast(photo_tensor(_photo_like((40, 40), 0))) is None
+    extra = T.Compose([T.Resize(40), T.CenterCrop(32), T.Grayscale(3), T.ToTensor(), norm])
+    nearest = T.Compose([T.Resize(40, T.InterpolationMode.NEAREST), T.CenterCrop(32), T.ToTensor(), norm])
+    assert tensor_transform(extra) is None and tensor_transform(nearest) is None and tensor_transform(norm) is None
+
+
+def test_pipeline_fast_preprocessing_matches_the_transform_path(tmp_path: Path) -> None:
+    """The same run with the transform on PIL pictures gives the same attention up to rounding noise."""
+    import vitattn
+    from vitattn.pipeline import Runner
+
+    photo = tmp_path / "p.jpg"
+    _photo_like((900, 700), 3).save(photo, quality=90)
+    loaded = vitattn.load_model("test_vit", pretrained=False, device="cpu")
+    settings = vitattn.resolve_settings(loaded, blocks=[-1], top_k=0)
+    arrays = []
+    for fast in (True, False):
+        render = vitattn.RenderOptions(out=tmp_path / str(fast), npy=True)
+        runner = Runner(loaded, settings, render, vitattn.RunOptions())
+        assert runner.tensor_transform is not None
+        if not fast:
+            runner.tensor_transform = None
+        [outcome] = list(runner.run(vitattn.iter_inputs([str(photo)])))
+        assert outcome.status == "ok" and outcome.folder is not None
+        arrays.append(np.load(outcome.folder / "block5_attn.npy"))
+        with Image.open(outcome.folder / "block5_mean.png") as im:
+            assert im.size == (512, 398)
+    np.testing.assert_allclose(arrays[0], arrays[1], atol=2e-3, rtol=0)
+    assert np.abs(arrays[0] - arrays[1]).max() < 0.05 * arrays[1].max()

@@ -40,7 +40,7 @@ from vitattn.outputs import (
     write_json,
     write_npy,
 )
-from vitattn.preprocess import Box, crop_box, peak_pixels
+from vitattn.preprocess import Box, crop_box, peak_pixels, photo_tensor, tensor_transform
 
 if TYPE_CHECKING:
     import torch
@@ -198,6 +198,7 @@ class Runner:
         self.fuse = render.fuse or settings.fuse
         self.settings_record = settings_record(loaded, settings, render)
         self.transform = loaded.transform
+        self.tensor_transform = tensor_transform(loaded.transform)  # None: run the transform on PIL pictures
         self.model_info = describe(loaded)
         _, h, w = loaded.data_config["input_size"]
         crop_pct = float(loaded.data_config.get("crop_pct") or 1.0)
@@ -235,8 +236,11 @@ class Runner:
             full = loaded_img.size if min(loaded_img.size) > 0 else size  # before JPEG draft reduction
             fx, fy = full[0] / size[0], full[1] / size[1]
             box_full = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-            tensor = self.transform(photo)  # (3, H, W)
-            photo, box = _shrink(photo, box, self.render_opts.max_side)
+            pixels = photo_tensor(photo) if self.tensor_transform is not None else None  # (3, h, w) uint8
+            tensor = self.tensor_transform(pixels) if self.tensor_transform is not None and pixels is not None else None
+            if tensor is None:
+                tensor = self.transform(photo)  # (3, H, W)
+            photo, box = _shrink(photo, box, self.render_opts.max_side, pixels)
         except InputError as err:
             return _error_outcome(item, err, base)
         except OSError as exc:  # e.g. the file vanished between discovery and load
@@ -514,15 +518,28 @@ def _short_spec(spec: str) -> str:
     return spec
 
 
-def _shrink(photo: Image.Image, box: Box, max_side: int) -> tuple[Image.Image, Box]:
-    """Shrink the photo to the overlay size early (less to carry and blend); scale the box with it."""
+def _shrink(
+    photo: Image.Image, box: Box, max_side: int, pixels: torch.Tensor | None = None
+) -> tuple[Image.Image, Box]:
+    """Shrink the photo to the overlay size early (less to carry and blend); scale the box with it.
+
+    With ``pixels`` (the photo as a uint8 (3, H, W) tensor), torch's antialiased bilinear resampler does it,
+    about twice as fast as Pillow's here; Pillow otherwise.
+    """
     from PIL import Image
 
     w, h = photo.size
     if max_side <= 0 or max(w, h) <= max_side:
         return photo, box
     s = max_side / max(w, h)
-    small = photo.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    if pixels is not None:
+        import torch
+
+        out = torch.nn.functional.interpolate(pixels[None], size=size[::-1], mode="bilinear", antialias=True)
+        small = Image.fromarray(out[0].permute(1, 2, 0).numpy())  # (h', w', 3): contiguous, channels last
+    else:
+        small = photo.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
     sx, sy = small.width / w, small.height / h
     return small, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
