@@ -370,13 +370,18 @@ class Runner:
         title = f"{_short_spec(self.loaded.spec)} · block {b} · {_method_title(att)}query {att.query}"
         if att.top:
             title += f" · top: {att.top[0].label} ({att.top[0].prob:.1%})"
-        # Grid tiles are drawn at tile size from a small copy of the photo rather than by shrinking the
-        # full-size overlays: a fifth of the pixels, and the same picture up to resampling.
-        tile_photo, tile_box = _shrink(prep.photo, box, GRID_TILE_SIDE)
-        small = overlay_many(tile_photo, scaled, crop_box=tile_box, lut=self.lut, alpha=r.alpha,
-                             max_side=GRID_TILE_SIDE)
+        # Grid tiles: the written overlays halved (or quartered...) by pixel averaging when --max-side is a
+        # multiple of the tile size (the default: 512 = 2 x 256), which costs a tenth of drawing them again;
+        # otherwise, and for maps without files of their own, drawn at tile size from a small copy of the photo.
+        tile = GRID_TILE_SIDE
+        factor = side // tile if side > 0 and side % tile == 0 else 0
+        small = [p.reduce(factor) if factor > 1 else p for p in pictures] if factor else []
+        tile_photo, tile_box = _shrink(prep.photo, box, tile)
+        if len(small) < len(scaled):
+            small += overlay_many(tile_photo, scaled[len(small) :], crop_box=tile_box, lut=self.lut, alpha=r.alpha,
+                                  max_side=tile)
         blank = np.zeros((1, *fused.shape), np.float32)  # alpha 0: just the dimmed photo
-        plain = overlay_many(tile_photo, blank, crop_box=tile_box, lut=self.lut, alpha=0.0, max_side=GRID_TILE_SIDE)
+        plain = overlay_many(tile_photo, blank, crop_box=tile_box, lut=self.lut, alpha=0.0, max_side=tile)
         tiles = [("photo", plain[0]), *zip(labels, small, strict=True)]
         _save(labelled_grid(tiles, title=title), folder / grid_name(b, ext), ext)
         written.append(grid_name(b, ext))
@@ -523,8 +528,9 @@ def _shrink(
 ) -> tuple[Image.Image, Box]:
     """Shrink the photo to the overlay size early (less to carry and blend); scale the box with it.
 
-    With ``pixels`` (the photo as a uint8 (3, H, W) tensor), torch's antialiased bilinear resampler does it,
-    about twice as fast as Pillow's here; Pillow otherwise.
+    An exact factor averages k x k blocks (Pillow's ``reduce``, about five times faster than resampling);
+    otherwise, with ``pixels`` (the photo as a uint8 (3, H, W) tensor), torch's antialiased bilinear resampler
+    does it, about twice as fast as Pillow's here; Pillow's otherwise.
     """
     from PIL import Image
 
@@ -533,7 +539,9 @@ def _shrink(
         return photo, box
     s = max_side / max(w, h)
     size = (max(1, round(w * s)), max(1, round(h * s)))
-    if pixels is not None:
+    if max(w, h) % max_side == 0:
+        small = photo.reduce(max(w, h) // max_side)
+    elif pixels is not None:
         import torch
 
         out = torch.nn.functional.interpolate(pixels[None], size=size[::-1], mode="bilinear", antialias=True)

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 DEFAULT_CMAP = "inferno"
-GRID_TILE_SIDE = 224  #: :func:`labelled_grid`'s default tile size in pixels
+GRID_TILE_SIDE = 256  #: :func:`labelled_grid`'s default tile size in pixels
 
 #: Output formats :func:`save_image` writes, with the PIL format name and save options for each.
 #: Chosen for speed: PNG level 1 (level 6 costs 3x as much for ~10 % smaller files) with the
@@ -361,7 +361,10 @@ def overlay_many(
 
     outputs = []
     for heat in clean:
-        blended = Image.blend(region, _heat_image(heat, region.size, grid_box, lut), alpha)
+        if alpha == 0.0:  # the photo alone: nothing to colour or blend
+            blended = region.copy() if base is None else region
+        else:
+            blended = Image.blend(region, _heat_image(heat, region.size, grid_box, lut), alpha)
         if base is None:
             outputs.append(blended)
         else:
@@ -622,10 +625,10 @@ def labelled_grid(
     cols = min(columns, n) if columns is not None else _auto_columns(n)
     rows = math.ceil(n / cols)
 
-    label_size = max(10, round(tile_side / 14))  # 224 px -> 16 px text
-    title_size = max(12, round(tile_side / 11))  # 224 px -> 20 px text
+    label_size = max(10, round(tile_side / 14))  # 256 px -> 18 px text
+    title_size = max(12, round(tile_side / 11))  # 256 px -> 23 px text
     label_font, title_font = _font(label_size), _font(title_size)
-    pad = max(4, tile_side // 28)  # 224 -> 8
+    pad = max(4, tile_side // 28)  # 256 -> 9
     label_h = _line_height(label_font)
     title_h = _line_height(title_font)
     pictures = []  # each scaled to fit a tile_side square
@@ -645,12 +648,7 @@ def labelled_grid(
     width = pad + cols * cell_w
     height = pad + title_h + pad + rows * cell_h
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-
-    title_text = _fit_text(draw, _drawable(title, title_size), title_font, width - 2 * pad, middle=True,
-                           ellipsis=_ellipsis(title_size))
-    title_x = (width - draw.textlength(title_text, font=title_font)) / 2
-    draw.text((round(title_x), pad), title_text, fill=_TEXT, font=title_font)
+    _stamp_text(canvas, title, title_size, (pad, pad, width - pad), middle=True)
 
     top0 = pad + title_h + pad
     for i, ((label, _), picture) in enumerate(zip(tiles, pictures, strict=True)):
@@ -658,25 +656,32 @@ def labelled_grid(
         box_x, box_y = pad + col * cell_w, top0 + row * cell_h
         # Centred across, sitting on the box's bottom edge so that each label is right under it.
         canvas.paste(picture, (box_x + (box_w - picture.width) // 2, box_y + box_h - picture.height))
-        stamp, ink_x = _label_stamp(label, label_size, box_w)
-        x, y = box_x + round((box_w - ink_x) / 2) - _STAMP_MARGIN, box_y + box_h + pad // 2
-        canvas.paste(_TEXT, (x, y, x + stamp.width, y + stamp.height), stamp)
+        _stamp_text(canvas, label, label_size, (box_x, box_y + box_h + pad // 2, box_x + box_w), middle=False)
     return canvas
 
 
-_STAMP_MARGIN = 4  # pixels around a label's advance width, for glyphs that overhang it
+_STAMP_MARGIN = 4  # pixels around a text's advance width, for glyphs that overhang it
+
+
+def _stamp_text(canvas: Image.Image, text: str, size: int, span: tuple[int, int, int], *, middle: bool) -> None:
+    """Draw one line of text centred in ``span`` = (left, top, right), shortened with an ellipsis to fit."""
+    left, top, right = span
+    stamp, advance = _text_stamp(text, size, right - left, middle)
+    x = left + round((right - left - advance) / 2) - _STAMP_MARGIN
+    canvas.paste(_TEXT, (x, top, x + stamp.width, top + stamp.height), stamp)
 
 
 @functools.lru_cache(maxsize=256)
-def _label_stamp(label: str, size: int, width: int) -> tuple[Image.Image, float]:
-    """A label fitted to ``width`` px and drawn once as an "L" mask (255: ink), with its advance width.
+def _text_stamp(text: str, size: int, width: int, middle: bool) -> tuple[Image.Image, float]:
+    """Text fitted to ``width`` px and drawn once as an "L" mask (255: ink), with its advance width.
 
-    Every grid of a run repeats the same labels ("head 0", "mean", ...): drawing each once and pasting
-    it in the text colour saves about 3 ms of text layout and rendering per grid.
+    Every grid of a run repeats the same labels ("head 0", "mean", ...), and without predictions the same
+    title: drawing each once and pasting it in the text colour saves about 3 ms of text layout and
+    rendering per grid.
     """
     font = _font(size)
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    text = _fit_text(probe, _drawable(label, size), font, width, middle=False, ellipsis=_ellipsis(size))
+    text = _fit_text(probe, _drawable(text, size), font, width, middle=middle, ellipsis=_ellipsis(size))
     advance = probe.textlength(text, font=font)
     stamp = Image.new("L", (math.ceil(advance) + 2 * _STAMP_MARGIN, _line_height(font)), 0)
     ImageDraw.Draw(stamp).text((_STAMP_MARGIN, 0), text, fill=255, font=font)
