@@ -215,6 +215,11 @@ class Bench:
         return float(levels.mean()), float(levels.max())
 
 
+def _spread(values: list[float] | None) -> str:
+    """`` (lo-hi)`` over the rounds, so that the noise behind a median is visible; empty for a single value."""
+    return f" ({min(values):.1f}-{max(values):.1f})" if values and len(values) > 1 else ""
+
+
 def _rounds(funcs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {k: [] for k in funcs}
     names = list(funcs)
@@ -229,7 +234,7 @@ def _rounds(funcs: dict[str, Callable[[], float]], rounds: int) -> dict[str, lis
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitattn.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=48, help="photos per throughput measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians are reported)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians are reported)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--workdir", default="vitattn-out/bench", help="where photos and outputs go")
     parser.add_argument("--quick", action="store_true", help="fewer images and rounds, skip the 1000-image run")
@@ -281,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     fid_mean, fid_max = bench.fidelity()
 
     rows = [
-        ("plain classification", f"{plain:.2f} img/s", "1.00x", "baseline"),
+        ("plain classification", f"{plain:.2f} img/s{_spread(results['plain classification'])}", "1.00x", "baseline"),
         *[
-            (name, f"{med[name]:.2f} img/s", f"{med[name] / plain:.2f}x", target)
+            (name, f"{med[name]:.2f} img/s{_spread(results.get(name))}", f"{med[name] / plain:.2f}x", target)
             for name, target in (
                 ("vitattn default (png)", ">= 0.6x"),
                 ("vitattn --format jpg", ">= 0.9x"),
@@ -305,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         ("one image, bare timm script", f"{_median(bare_t):.2f} s", "1.00x", "baseline"),
         ("bf16 vs fp32 maps", f"mean {fid_mean:.2f}, max {fid_max:.0f}", "", "colour levels of 255"),
     ]
-    print(f"\n{'measure':<30} {'value':>22} {'ratio':>8}  target")
+    print(f"\n{'measure':<30} {'value (range over rounds)':>34} {'ratio':>8}  target")
     for name, value, ratio, target in rows:
-        print(f"{name:<30} {value:>22} {ratio:>8}  {target}")
+        print(f"{name:<30} {value:>34} {ratio:>8}  {target}")
     return 0
 
 
