@@ -244,3 +244,36 @@ def test_stdin_list_with_stdin_closed_is_a_usage_error(tmp_path: Path) -> None:
         preexec_fn=lambda: os.close(0),  # the child starts with no stdin at all
     )
     assert proc.returncode == 2 and b"stdin is closed" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def _find(haystack: np.ndarray, needle: np.ndarray) -> list[tuple[int, int]]:
+    """Top-left corners where ``needle`` (h, w, 3) appears exactly in ``haystack``."""
+    h, w = needle.shape[:2]
+    ys, xs = np.nonzero((haystack[: 1 - h or None, : 1 - w or None] == needle[0, 0]).all(axis=-1))
+    corners = [(int(y), int(x)) for y, x in zip(ys, xs, strict=True)]
+    return [(y, x) for y, x in corners if np.array_equal(haystack[y : y + h, x : x + w], needle)]
+
+
+def test_grid_tiles_are_the_written_overlays(tmp_path: Path) -> None:
+    """Default size: each grid tile is its overlay file averaged 2x2, pixel for pixel (PNG is lossless).
+    Other sizes draw the tiles separately; the grid keeps the same layout."""
+    rng = np.random.default_rng(1)
+    photo = tmp_path / "p.png"
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(photo)
+    sizes = []
+    for max_side in ("512", "300"):
+        out = tmp_path / max_side
+        code, stdout, stderr = invoke(["heatmap", str(photo), "-o", str(out), *MODEL, "--max-side", max_side,
+                                       "--top-k", "0", "--json"])
+        assert code == 0, stderr
+        rec = json.loads(stdout)
+        with Image.open(rec["files"]["grid"]) as im:
+            grid = np.asarray(im.convert("RGB"))
+        sizes.append(grid.shape)
+        for name in [*rec["files"]["heads"], rec["files"]["mean"]]:
+            with Image.open(name) as im:
+                assert im.size == (int(max_side), int(max_side) * 3 // 4)
+                tile = np.asarray(im.reduce(2)) if max_side == "512" else None
+            if tile is not None:
+                assert len(_find(grid, tile)) == 1, name
+    assert sizes[0] == sizes[1]  # 256-px tiles either way
