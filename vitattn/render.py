@@ -289,7 +289,12 @@ def _heat_image(
     # Quantise at grid resolution (<= 1 LUT step off), pad by one edge-replicated cell so that
     # pixels past the outer cell centres hold the edge value, and let PIL's C resampler
     # upsample in 8 bits: ~0.5 ms at 512 px where numpy float work takes 2-3 ms.
-    cells = np.pad(heat, 1, mode="edge") * 255.0 + 0.5  # (gh + 2, gw + 2)
+    gh, gw = heat.shape
+    cells = np.empty((gh + 2, gw + 2), np.float32)  # edge padding by hand: np.pad costs ~0.1 ms a call
+    cells[1:-1, 1:-1] = heat
+    cells[0, 1:-1], cells[-1, 1:-1] = heat[0], heat[-1]
+    cells[:, 0], cells[:, -1] = cells[:, 1], cells[:, -2]
+    cells = cells * 255.0 + 0.5  # (gh + 2, gw + 2)
     grid = Image.fromarray(cells.astype(np.uint8), "L")
     gw2, gh2 = grid.size
     left, top, right, bottom = box
