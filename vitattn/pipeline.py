@@ -236,8 +236,10 @@ class Runner:
             full = loaded_img.size if min(loaded_img.size) > 0 else size  # before JPEG draft reduction
             fx, fy = full[0] / size[0], full[1] / size[1]
             box_full = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-            pixels = photo_tensor(photo) if self.tensor_transform is not None else None  # (3, h, w) uint8
-            tensor = self.tensor_transform(pixels) if self.tensor_transform is not None and pixels is not None else None
+            pixels = tensor = None
+            if self.tensor_transform is not None:  # the model's transform with torch's resamplers
+                pixels = photo_tensor(photo)  # (3, h, w) uint8
+                tensor = self.tensor_transform(pixels)  # (3, H, W), or None when its crop would pad
             if tensor is None:
                 tensor = self.transform(photo)  # (3, H, W)
             photo, box = _shrink(photo, box, self.render_opts.max_side, pixels)
@@ -371,8 +373,8 @@ class Runner:
         if att.top:
             title += f" · top: {att.top[0].label} ({att.top[0].prob:.1%})"
         # Grid tiles: the written overlays halved (or quartered...) by pixel averaging when --max-side is a
-        # multiple of the tile size (the default: 512 = 2 x 256), which costs a tenth of drawing them again;
-        # otherwise, and for maps without files of their own, drawn at tile size from a small copy of the photo.
+        # multiple of the tile size (the default: 512 = 2 x 256), cheaper than drawing them again; otherwise,
+        # and for maps without files of their own, drawn at tile size from a small copy of the photo.
         tile = GRID_TILE_SIDE
         factor = side // tile if side > 0 and side % tile == 0 else 0
         small = [p.reduce(factor) if factor > 1 else p for p in pictures] if factor else []

@@ -290,7 +290,7 @@ def _heat_image(
     # pixels past the outer cell centres hold the edge value, and let PIL's C resampler
     # upsample in 8 bits: ~0.5 ms at 512 px where numpy float work takes 2-3 ms.
     gh, gw = heat.shape
-    cells = np.empty((gh + 2, gw + 2), np.float32)  # edge padding by hand: np.pad costs ~0.1 ms a call
+    cells = np.empty((gh + 2, gw + 2), np.float32)  # edge padding by hand: np.pad costs ~45 us a call
     cells[1:-1, 1:-1] = heat
     cells[0, 1:-1], cells[-1, 1:-1] = heat[0], heat[-1]
     cells[:, 0], cells[:, -1] = cells[:, 1], cells[:, -2]
