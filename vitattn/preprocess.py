@@ -2,7 +2,7 @@
 
 The transform is exactly ``create_transform(**resolve_model_data_config(model))``; nothing here hard-codes
 a size or normalisation. :func:`tensor_transform` runs the same steps with torch's uint8 resamplers (the
-batch pipeline's fast path, within one 8-bit level of the transform). :func:`crop_box` follows the
+batch pipeline's fast path, within two 8-bit levels of the transform). :func:`crop_box` follows the
 transform's geometric steps (resize, centre crop) to tell which region of the upright photo the model saw,
 so maps can be drawn back onto the photo.
 """
@@ -112,8 +112,8 @@ def tensor_transform(transform: Any) -> Callable[[torch.Tensor], torch.Tensor | 
     """The model's transform, run on a :func:`photo_tensor` with torch's antialiased uint8 resampling.
 
     torch's antialiased bilinear and bicubic kernels for uint8 pictures follow Pillow's (the same filters,
-    rounded to 8 bits after each pass; outputs differ by one level at most on a few pixels: under 1 % for
-    bicubic, up to a fifth for some bilinear scales; tested) at two to three times the speed here. Only the
+    rounded to 8 bits after each pass; outputs differ by one level, rarely two, on a few pixels: under 1 %
+    for bicubic, up to a fifth for some bilinear scales; tested) at two to three times the speed here. Only the
     common evaluation pipeline is recognised: torchvision ``Resize`` (bilinear or bicubic) -> ``CenterCrop``
     -> ``ToTensor`` (timm's ``MaybeToTensor``) -> ``Normalize``.
 
