@@ -364,18 +364,22 @@ def overlay_many(
     clean = np.nan_to_num(heats.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)  # (K, gh, gw)
     np.clip(clean, 0.0, 1.0, out=clean)
 
+    # One canvas per photo: the dimmed photo with the crop region as it was. Each map is blended onto a copy
+    # of it by a paste through a constant mask: Pillow's paste releases the GIL where Image.blend holds it
+    # for the whole blend (which stalled the model's thread), and it rounds where blend truncates. The mask
+    # holds round(alpha * 255), so the weight is within 0.002 of alpha (under half a colour level).
+    if base is None:
+        canvas = region  # a crop: a new image of its own
+    else:
+        canvas = base.copy()
+        canvas.paste(region, (x0, y0))
+    mask = Image.new("L", region.size, round(alpha * 255)) if alpha > 0.0 else None
     outputs = []
-    for heat in clean:
-        if alpha == 0.0:  # the photo alone: nothing to colour or blend
-            blended = region.copy() if base is None else region
-        else:
-            blended = Image.blend(region, _heat_image(heat, region.size, grid_box, lut), alpha)
-        if base is None:
-            outputs.append(blended)
-        else:
-            out = base.copy()
-            out.paste(blended, (x0, y0))
-            outputs.append(out)
+    for k, heat in enumerate(clean):
+        out = canvas if k == len(clean) - 1 else canvas.copy()  # the last map takes the canvas itself
+        if mask is not None:
+            out.paste(_heat_image(heat, region.size, grid_box, lut), (x0, y0), mask)
+        outputs.append(out)
     return outputs
 
 
