@@ -365,13 +365,13 @@ def overlay_many(
     np.clip(clean, 0.0, 1.0, out=clean)
 
     # One canvas per photo: the dimmed photo with the crop region as it was. Each map is blended onto a copy
-    # of it by a paste through a constant mask: Pillow's paste releases the GIL where Image.blend holds it
-    # for the whole blend (which stalled the model's thread), and it rounds where blend truncates. The mask
-    # holds round(alpha * 255), so the weight is within 0.002 of alpha (under half a colour level).
+    # of it by a paste through a constant mask, which rounds to the nearest level (Image.blend truncates) and
+    # releases the GIL (Image.blend holds it throughout). The mask holds round(alpha * 255): the weight is
+    # within 0.002 of alpha, at most half a colour level.
     if base is None:
         canvas = region  # a crop: a new image of its own
     else:
-        canvas = base.copy()
+        canvas = base if base is not place.fitted else base.copy()  # the dimmed base is already a new image
         canvas.paste(region, (x0, y0))
     mask = Image.new("L", region.size, round(alpha * 255)) if alpha > 0.0 else None
     outputs = []
