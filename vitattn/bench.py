@@ -3,7 +3,8 @@
 Usage: ``python -m vitattn.bench [--images N] [--rounds R] [--device cpu|cuda] [--quick]``
 
 Every figure is a median over alternating rounds (the configurations take turns, in rotating order, so
-background load hits them alike), and each is printed as a ratio against its baseline:
+background load hits them alike), and each is printed as a ratio against its baseline: the ratio of the
+medians, and the range of the ratios within each round (a run against the baseline run next to it):
 
 - plain classification (decode, the model's transform, forward at batch 16): the physical limit of the job;
 - vitattn end to end with default outputs (PNG, every head, mean, grid), with ``--format jpg``, and at block 5
@@ -231,6 +232,14 @@ def _spread(values: list[float] | None) -> str:
     return f" ({min(values):.1f}-{max(values):.1f})" if values and len(values) > 1 else ""
 
 
+def _paired(values: list[float] | None, baseline: list[float]) -> str:
+    """The ratio to the baseline within each round (the two ran minutes apart at most), as ``lo-hi``."""
+    if not values or len(values) != len(baseline) or len(values) < 2:
+        return ""
+    ratios = [v / b for v, b in zip(values, baseline, strict=True)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}x"
+
+
 def _rounds(funcs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {k: [] for k in funcs}
     names = list(funcs)
@@ -304,10 +313,17 @@ def _measure(bench: Bench, args: argparse.Namespace) -> int:
         bare_t.append(bench.latency([sys.executable, "-c", bare, MODEL, one]))
     fid_mean, fid_max = bench.fidelity()
 
-    rows = [
-        ("plain classification", f"{plain:.2f} img/s{_spread(results['plain classification'])}", "1.00x", "baseline"),
+    base = results["plain classification"]
+    rows: list[tuple[str, str, str, str, str]] = [
+        ("plain classification", f"{plain:.2f} img/s{_spread(base)}", "1.00x", "", "baseline"),
         *[
-            (name, f"{med[name]:.2f} img/s{_spread(results.get(name))}", f"{med[name] / plain:.2f}x", target)
+            (
+                name,
+                f"{med[name]:.2f} img/s{_spread(results.get(name))}",
+                f"{med[name] / plain:.2f}x",
+                _paired(results.get(name), base),
+                target,
+            )
             for name, target in (
                 ("vitattn default (png)", ">= 0.6x"),
                 ("vitattn --format jpg", ">= 0.9x"),
@@ -320,18 +336,20 @@ def _measure(bench: Bench, args: argparse.Namespace) -> int:
             "vitattn default vs naive",
             "",
             f"{med['vitattn default (png)'] / med['naive recipe']:.1f}x",
+            _paired(results["vitattn default (png)"], results["naive recipe"]),
             ">= 10x",
         ),
-        ("peak RSS, 100 images", f"{mem100:.0f} MiB", "", ""),
-        ("peak RSS, 1000 images", f"{mem1000:.0f} MiB", f"{mem1000 / mem100:.2f}x", "<= 1.2x"),
-        ("vitattn --help", f"{_median(help_t) * 1000:.0f} ms", "", "< 500 ms"),
-        ("one image, CLI", f"{_median(one_t):.2f} s", f"{_median(one_t) / _median(bare_t):.2f}x", "<= 1.2x"),
-        ("one image, bare timm script", f"{_median(bare_t):.2f} s", "1.00x", "baseline"),
-        ("bf16 vs fp32 maps", f"mean {fid_mean:.2f}, max {fid_max:.0f}", "", "colour levels of 255"),
+        ("peak RSS, 100 images", f"{mem100:.0f} MiB", "", "", ""),
+        ("peak RSS, 1000 images", f"{mem1000:.0f} MiB", f"{mem1000 / mem100:.2f}x", "", "<= 1.2x"),
+        ("vitattn --help", f"{_median(help_t) * 1000:.0f} ms", "", "", "< 500 ms"),
+        ("one image, CLI", f"{_median(one_t):.2f} s", f"{_median(one_t) / _median(bare_t):.2f}x", "", "<= 1.2x"),
+        ("one image, bare timm script", f"{_median(bare_t):.2f} s", "1.00x", "", "baseline"),
+        ("bf16 vs fp32 maps", f"mean {fid_mean:.2f}, max {fid_max:.0f}", "", "", "colour levels of 255"),
     ]
-    print(f"\n{'measure':<30} {'value (range over rounds)':>34} {'ratio':>8}  target")
-    for name, value, ratio, target in rows:
-        print(f"{name:<30} {value:>34} {ratio:>8}  {target}")
+    # ratio: of the medians; per round: each round's ratio to the baseline run in the same round
+    print(f"\n{'measure':<30} {'value (range over rounds)':>34} {'ratio':>8} {'per round':>13}  target")
+    for name, value, ratio, paired, target in rows:
+        print(f"{name:<30} {value:>34} {ratio:>8} {paired:>13}  {target}")
     return 0
 
 
