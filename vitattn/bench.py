@@ -233,7 +233,7 @@ def _spread(values: list[float] | None) -> str:
 
 
 def _paired(values: list[float] | None, baseline: list[float]) -> str:
-    """The ratio to the baseline within each round (the two ran minutes apart at most), as ``lo-hi``."""
+    """The lowest and highest of each round's ratio to the baseline's run in the same round, as ``lo-hi``."""
     if not values or len(values) != len(baseline) or len(values) < 2:
         return ""
     ratios = [v / b for v, b in zip(values, baseline, strict=True)]
@@ -346,7 +346,6 @@ def _measure(bench: Bench, args: argparse.Namespace) -> int:
         ("one image, bare timm script", f"{_median(bare_t):.2f} s", "1.00x", "", "baseline"),
         ("bf16 vs fp32 maps", f"mean {fid_mean:.2f}, max {fid_max:.0f}", "", "", "colour levels of 255"),
     ]
-    # ratio: of the medians; per round: each round's ratio to the baseline run in the same round
     print(f"\n{'measure':<30} {'value (range over rounds)':>34} {'ratio':>8} {'per round':>13}  target")
     for name, value, ratio, paired, target in rows:
         print(f"{name:<30} {value:>34} {ratio:>8} {paired:>13}  {target}")
