@@ -16,6 +16,7 @@ from vitattn.attention import capturing, forward_batch, resolve_settings
 from vitattn.capture import AttentionCapture
 from vitattn.errors import CaptureError, UnsupportedModelError, UsageError
 from vitattn.models import LoadedModel, load_model, token_layout
+from vitattn.options import AttentionOptions
 
 # (timm name, create_model overrides that shrink it while keeping its token layout and grid)
 SMALL = {"depth": 3}
@@ -75,7 +76,7 @@ def test_captured_rows_equal_timm_unfused_attention(family: Any) -> None:
     p = len(roles)
     depth = loaded.depth
     for query in queries_for(roles, grid):
-        settings = resolve_settings(loaded, blocks=[0, depth // 2, -1], query=query, top_k=0)
+        settings = resolve_settings(loaded, AttentionOptions(blocks=[0, depth // 2, -1], query=query, top_k=0))
         with capturing(loaded, settings) as cap:
             results = forward_batch(loaded, cap, x, settings)
         for b in (0, depth // 2, depth - 1):
@@ -178,13 +179,13 @@ def test_unsupported_model_is_one_clear_error() -> None:
 def test_bad_block_and_query_name_the_valid_range() -> None:
     loaded = load_model("test_vit", pretrained=False, device="cpu")
     with pytest.raises(UsageError, match=r"0\.\.5"):
-        resolve_settings(loaded, blocks=[6])
+        resolve_settings(loaded, AttentionOptions(blocks=[6]))
     with pytest.raises(UsageError, match="no dist token"):
-        resolve_settings(loaded, query="dist")
+        resolve_settings(loaded, AttentionOptions(query="dist"))
     with pytest.raises(UsageError, match="outside the 10×10 grid"):
-        resolve_settings(loaded, query="patch:10,0")
+        resolve_settings(loaded, AttentionOptions(query="patch:10,0"))
     with pytest.raises(UsageError, match=r"head 2 is out of range.*0\.\.1"):
-        resolve_settings(loaded, heads=[2])
+        resolve_settings(loaded, AttentionOptions(heads=[2]))
 
 
 def test_layout_roles_are_read_not_assumed() -> None:

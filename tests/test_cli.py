@@ -277,3 +277,63 @@ def test_grid_tiles_are_the_written_overlays(tmp_path: Path) -> None:
             if tile is not None:
                 assert len(_find(grid, tile)) == 1, name
     assert sizes[0] == sizes[1]  # 256-px tiles either way
+
+
+def test_cli_passes_typed_options_to_the_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CLI only parses: what it hands the library is typed options, nothing else."""
+    import types
+
+    import vitattn.heatmap as heatmap
+    from vitattn.options import (
+        AttentionOptions,
+        HeadFusion,
+        ImageFormat,
+        InputOptions,
+        Method,
+        ModelOptions,
+        Precision,
+        Query,
+        QueryKind,
+        RenderOptions,
+        RunOptions,
+    )
+
+    received: dict[str, object] = {}
+
+    def fake_start(**kwargs: object) -> object:
+        received.update(kwargs)
+        loaded = types.SimpleNamespace(weights="pretrained")
+        return types.SimpleNamespace(loaded=loaded, outcomes=lambda: (o for o in ()))
+
+    monkeypatch.setattr(heatmap, "start_heatmap", fake_start)
+    args = ["heatmap", "a.jpg", "dir", "-r", "-m", "test_vit", "-b", "3,-1", "-b", "2", "--heads", "0,1"]
+    args += ["--query", "patch:1,2", "--method", "ROLLOUT", "--fuse", "max", "--discard-ratio", "0.25"]
+    args += ["--format", "jpg", "--precision", "bf16", "--cmap", "viridis", "--alpha", "0.3", "--max-side", "0"]
+    args += ["-o", str(tmp_path / "o"), "--batch-size", "4", "--top-k", "0", "--max-pixels", "0", "--threshold", "0.5"]
+    code, _, stderr = invoke(args)
+    assert code == 0, stderr
+    assert received["inputs"] == InputOptions(("a.jpg", "dir"), recursive=True)
+    assert received["model"] == ModelOptions("test_vit")
+    assert received["attention"] == AttentionOptions(
+        blocks=(3, -1, 2),
+        query=Query(QueryKind.patch, 1, 2),
+        heads=(0, 1),
+        method=Method.rollout,
+        fuse=HeadFusion.max,
+        discard_ratio=0.25,
+        top_k=0,
+        precision=Precision.bf16,
+    )
+    assert received["render"] == RenderOptions(
+        out=tmp_path / "o", cmap="viridis", alpha=0.3, max_side=0, format=ImageFormat.jpg, threshold=0.5
+    )
+    assert received["run"] == RunOptions(batch_size=4, max_pixels=None)
+    assert received["stdin"] is None
+
+
+def test_usage_errors_are_one_line_without_panels() -> None:
+    for args in (["heatmap", "x.jpg", "--method", "foo"], ["heatmap", "x.jpg", "--nope"]):
+        proc = run(args)
+        err = proc.stderr.decode()
+        assert proc.returncode == 2 and err.count("\n") == 1 and err.startswith("vitattn: error: "), err
+        assert "╭" not in err

@@ -24,10 +24,11 @@ from reference import recorded_attention
 from torch import nn
 from typer.testing import CliRunner
 
-from vitattn.attention import capturing, compute_attention, forward_batch, resolve_settings
+from vitattn.attention import capturing, forward_batch, resolve_settings
 from vitattn.capture import AttentionCapture
 from vitattn.cli import app
 from vitattn.errors import UsageError
+from vitattn.explainer import explain
 from vitattn.maps import (
     HeadFusion,
     Query,
@@ -44,6 +45,7 @@ from vitattn.maps import (
 )
 from vitattn.methods import GradRolloutReducer, RolloutReducer
 from vitattn.models import LoadedModel, TokenLayout, load_model
+from vitattn.options import AttentionOptions
 from vitattn.render import mask_overlay
 
 CLS = TokenLayout(roles=("cls",), patch_size=(16, 16))
@@ -361,8 +363,7 @@ def test_rollout_equals_the_reference(family: tuple[LoadedModel, torch.Tensor]) 
     cases = [("mean", None, query), ("max", 0.5, f"patch:{grid[0] - 1},{grid[1] // 2}"), ("min", 0.9, "patch-mean")]
     for fuse, ratio, q in cases:
         settings = resolve_settings(
-            loaded, blocks=blocks, method="rollout", fuse=fuse, discard_ratio=ratio, query=q, top_k=0
-        )
+            loaded, AttentionOptions(blocks=blocks, method="rollout", fuse=fuse, discard_ratio=ratio, query=q, top_k=0))
         with capturing(loaded, settings) as cap:
             results = forward_batch(loaded, cap, x, settings)
         reference = ref_rollout(attns, fuse, ratio or 0.0)
@@ -379,7 +380,8 @@ def test_grad_rollout_equals_the_reference(family: tuple[LoadedModel, torch.Tens
     query = "cls" if "cls" in roles else "patch-mean"
     n = loaded.layout.num_prefix_tokens + grid[0] * grid[1]
     for target in (None, 3) if n < 1000 else (3,):
-        settings = resolve_settings(loaded, blocks=blocks, method="grad-rollout", target_class=target, query=query)
+        options = AttentionOptions(blocks=blocks, method="grad-rollout", target_class=target, query=query)
+        settings = resolve_settings(loaded, options)
         with capturing(loaded, settings) as cap:
             # only the blocks up to the last chosen one leave the fused path
             assert [blk.attn.fused_attn for blk in loaded.model.blocks[: depth - 1]] == [False] * (depth - 1)
@@ -423,7 +425,7 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 def test_rollout_over_all_blocks_holds_one_matrix() -> None:
     loaded = load_model("test_vit", pretrained=False, device="cpu")
     depth, n = loaded.depth, 1 + 100
-    settings = resolve_settings(loaded, blocks=list(range(depth)), method="rollout", top_k=0)
+    settings = resolve_settings(loaded, AttentionOptions(blocks=list(range(depth)), method="rollout", top_k=0))
     x = torch.randn(2, 3, *loaded.input_size)
     square = []  # (B, N, N) tensors the reducer holds after each block's hook
 
@@ -452,26 +454,26 @@ def test_rollout_over_all_blocks_holds_one_matrix() -> None:
 # -- the Python API ---------------------------------------------------------------------------------------
 
 
-def test_compute_attention_methods() -> None:
+def test_explain_methods() -> None:
     torch.manual_seed(0)
     loaded = load_model("test_vit", pretrained=False, device="cpu")
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
-    [raw] = compute_attention(loaded, [photo], blocks=[1, -1])
+    [raw] = explain(loaded, [photo], blocks=[1, -1])
     assert raw.method.value == "raw" and raw.blocks[5].method_map is None
-    [roll] = compute_attention(loaded, [photo], blocks=[1, -1], method="rollout", discard_ratio=0.2)
-    [rel] = compute_attention(loaded, [photo], blocks=[-1], method="grad-rollout", target_class=7)
+    [roll] = explain(loaded, [photo], blocks=[1, -1], method="rollout", discard_ratio=0.2)
+    [rel] = explain(loaded, [photo], blocks=[-1], method="grad-rollout", target_class=7)
     assert roll.blocks[1].method_map.shape == (10, 10)  # type: ignore[union-attr]
     assert rel.target is not None and rel.target.index == 7 and rel.blocks[5].method_map.shape == (10, 10)  # type: ignore[union-attr]
     np.testing.assert_allclose(roll.blocks[5].heads, raw.blocks[5].heads, atol=1e-6)  # unfused vs fused
     with pytest.raises(UsageError, match="rollout only"):
-        compute_attention(loaded, [photo], discard_ratio=0.2)
+        explain(loaded, [photo], discard_ratio=0.2)
     with pytest.raises(UsageError, match="grad-rollout only"):
-        compute_attention(loaded, [photo], method="rollout", target_class=1)
-    with pytest.raises(UsageError, match="unknown --fuse"):
-        compute_attention(loaded, [photo], fuse="median")
+        explain(loaded, [photo], method="rollout", target_class=1)
+    with pytest.raises(UsageError, match="unknown fuse"):
+        explain(loaded, [photo], fuse="median")
     no_head = load_model("test_vit", pretrained=False, device="cpu", model_kwargs={"num_classes": 0})
     with pytest.raises(UsageError, match="no classifier head"):
-        compute_attention(no_head, [photo], method="grad-rollout")
+        explain(no_head, [photo], method="grad-rollout")
 
 
 # -- the CLI ------------------------------------------------------------------------------------------------
@@ -571,13 +573,13 @@ def test_cli_rerun_skips_and_another_method_needs_overwrite(photo: Path, tmp_pat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--discard-ratio", "1.5", "--method", "rollout"], "--discard-ratio 1.5"),
-        (["--discard-ratio", "0.5"], "applies to --method rollout only"),
-        (["--target-class", "5000", "--method", "grad-rollout"], "--target-class 5000 is out of range"),
+        (["--discard-ratio", "1.5", "--method", "rollout"], "--discard-ratio: discard ratio 1.5"),
+        (["--discard-ratio", "0.5"], "--discard-ratio: a discard ratio applies to rollout only"),
+        (["--target-class", "5000", "--method", "grad-rollout"], "--target-class: target class 5000 is out of range"),
         (["--target-class", "cat", "--method", "grad-rollout"], "a class index or top1"),
-        (["--target-class", "3", "--method", "rollout"], "applies to --method grad-rollout only"),
-        (["--method", "foo"], "unknown --method 'foo'"),
-        (["--fuse", "avg"], "unknown --fuse 'avg'"),
+        (["--target-class", "3", "--method", "rollout"], "--target-class: a target class applies to grad-rollout only"),
+        (["--method", "foo"], "'--method': 'foo' is not one of"),
+        (["--fuse", "avg"], "'--fuse': 'avg' is not one of"),
         (["--threshold", "0"], "threshold 0.0"),
         (["--threshold", "1.2"], "threshold 1.2"),
     ],

@@ -143,20 +143,22 @@ def test_tensor_transform_leaves_padding_crops_and_other_steps_to_the_transform(
 def test_pipeline_fast_preprocessing_matches_the_transform_path(tmp_path: Path) -> None:
     """The same run with the transform on PIL pictures gives the same attention up to rounding noise."""
     import vitattn
-    from vitattn.pipeline import Runner
 
     photo = tmp_path / "p.jpg"
     _photo_like((900, 700), 3).save(photo, quality=90)
     loaded = vitattn.load_model("test_vit", pretrained=False, device="cpu")
-    settings = vitattn.resolve_settings(loaded, blocks=[-1], top_k=0)
     arrays = []
     for fast in (True, False):
-        render = vitattn.RenderOptions(out=tmp_path / str(fast), npy=True)
-        runner = Runner(loaded, settings, render, vitattn.RunOptions())
-        assert runner.tensor_transform is not None
+        run = vitattn.start_heatmap(
+            inputs=vitattn.InputOptions([str(photo)]),
+            model=loaded,
+            attention=vitattn.AttentionOptions(top_k=0),
+            render=vitattn.RenderOptions(out=tmp_path / str(fast), npy=True),
+        )
+        assert run.job.tensor_transform is not None
         if not fast:
-            runner.tensor_transform = None
-        [outcome] = list(runner.run(vitattn.iter_inputs([str(photo)])))
+            run.job.tensor_transform = None
+        [outcome] = list(run.outcomes())
         assert outcome.status == "ok" and outcome.folder is not None
         arrays.append(np.load(outcome.folder / "block5_attn.npy"))
         with Image.open(outcome.folder / "block5_mean.png") as im:

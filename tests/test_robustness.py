@@ -290,14 +290,14 @@ def test_corpus_as_a_nul_separated_list(corpus_dir: Corpus, tmp_path: Path) -> N
 
 
 def test_each_stage_failure_is_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vitattn.pipeline
+    import vitattn.job
     import vitattn.render
 
     photos = [noisy(tmp_path / f"{n}.png", size=(40 + i, 30)) for i, n in enumerate("abcde")]
     real_forward, real_save, real_crop = (
-        vitattn.pipeline.forward_batch,
+        vitattn.job.forward_batch,
         vitattn.render.save_image,
-        vitattn.pipeline.crop_box,
+        vitattn.job.crop_box,
     )
     calls = []
 
@@ -317,9 +317,9 @@ def test_each_stage_failure_is_isolated(tmp_path: Path, monkeypatch: pytest.Monk
             raise ValueError("odd geometry")
         return real_crop(transform, size)
 
-    monkeypatch.setattr(vitattn.pipeline, "forward_batch", forward)
+    monkeypatch.setattr(vitattn.job, "forward_batch", forward)
     monkeypatch.setattr(vitattn.render, "save_image", save)
-    monkeypatch.setattr(vitattn.pipeline, "crop_box", crop)
+    monkeypatch.setattr(vitattn.job, "crop_box", crop)
     out = tmp_path / "out"
     code, stdout, stderr = invoke([*map(str, photos), "-o", str(out), *MODEL, "--batch-size", "1"])
     assert code == 1, stderr

@@ -24,7 +24,7 @@ def peak_hit_rate(loaded: vitattn.LoadedModel, **kwargs: object) -> float:
     """Fraction of pictures whose map peak (a patch, mapped back to picture pixels) lies on the object box."""
     data = make_dataset(PICTURES, FRESH_SEED)
     pictures = [data.picture(i) for i in range(len(data))]
-    results = vitattn.compute_attention(loaded, [p.image for p in pictures], blocks=[-1], top_k=0, **kwargs)
+    results = vitattn.explain(loaded, [p.image for p in pictures], blocks=[-1], top_k=0, **kwargs)
     ph, pw = loaded.layout.patch_size
     in_h, in_w = loaded.input_size
     hits = 0

@@ -1,7 +1,8 @@
 """vitattn: exact per-head attention heatmaps for Vision Transformers.
 
-The public API, re-exported. Names load on first use (PEP 562), so ``import vitattn`` and
-``vitattn --help`` stay fast; torch, timm and matplotlib load only when a function needs them.
+The public API, re-exported; everything else is internal. Names load on first use (PEP 562), so
+``import vitattn`` and ``vitattn --help`` stay fast; torch, timm and matplotlib load only when a function
+needs them.
 """
 
 import importlib
@@ -10,14 +11,7 @@ from typing import TYPE_CHECKING, Any
 from vitattn._version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from vitattn.attention import (
-        BlockMaps,
-        ImageAttention,
-        Prediction,
-        Settings,
-        compute_attention,
-        resolve_settings,
-    )
+    from vitattn.attention import BlockMaps, ImageAttention, Prediction
     from vitattn.capture import AttentionCapture
     from vitattn.errors import (
         CaptureError,
@@ -29,38 +23,53 @@ if TYPE_CHECKING:
         VitattnError,
         WeightsUnavailableError,
     )
-    from vitattn.inputs import InputItem, LoadedImage, iter_inputs, load_image
-    from vitattn.maps import HeadFusion, Query, attention_rollout, grad_rollout, mass_mask, parse_query
-    from vitattn.methods import METHODS, GradRolloutReducer, Method, MethodReducer, RolloutReducer, parse_method
-    from vitattn.models import DEFAULT_MODEL, LoadedModel, TokenLayout, describe, load_model, supported_models
-    from vitattn.pipeline import Outcome, RenderOptions, Runner, RunOptions
+    from vitattn.explainer import explain
+    from vitattn.heatmap import HeatmapRun, start_heatmap
+    from vitattn.inputs import LoadedImage, load_image
+    from vitattn.job import Outcome
+    from vitattn.maps import attention_rollout, grad_rollout, mass_mask
+    from vitattn.models import LoadedModel, TokenLayout, describe, load_model, supported_models, wrap_model
+    from vitattn.options import (
+        DEFAULT_MODEL,
+        AttentionOptions,
+        HeadFusion,
+        ImageFormat,
+        InputOptions,
+        Method,
+        ModelOptions,
+        Precision,
+        Query,
+        QueryKind,
+        RenderOptions,
+        RunOptions,
+    )
     from vitattn.render import colormap_lut, labelled_grid, mask_overlay, overlay, scale_maps
 
 _EXPORTS = {
     "AttentionCapture": "vitattn.capture",
+    "AttentionOptions": "vitattn.options",
     "BlockMaps": "vitattn.attention",
     "CaptureError": "vitattn.errors",
-    "DEFAULT_MODEL": "vitattn.models",
-    "GradRolloutReducer": "vitattn.methods",
-    "HeadFusion": "vitattn.maps",
+    "DEFAULT_MODEL": "vitattn.options",
+    "HeadFusion": "vitattn.options",
+    "HeatmapRun": "vitattn.heatmap",
     "ImageAttention": "vitattn.attention",
+    "ImageFormat": "vitattn.options",
     "InputError": "vitattn.errors",
-    "InputItem": "vitattn.inputs",
+    "InputOptions": "vitattn.options",
     "LoadedImage": "vitattn.inputs",
     "LoadedModel": "vitattn.models",
-    "METHODS": "vitattn.methods",
-    "Method": "vitattn.methods",
-    "MethodReducer": "vitattn.methods",
+    "Method": "vitattn.options",
     "ModelError": "vitattn.errors",
-    "Outcome": "vitattn.pipeline",
+    "ModelOptions": "vitattn.options",
+    "Outcome": "vitattn.job",
     "OutputError": "vitattn.errors",
+    "Precision": "vitattn.options",
     "Prediction": "vitattn.attention",
-    "Query": "vitattn.maps",
-    "RenderOptions": "vitattn.pipeline",
-    "RolloutReducer": "vitattn.methods",
-    "RunOptions": "vitattn.pipeline",
-    "Runner": "vitattn.pipeline",
-    "Settings": "vitattn.attention",
+    "Query": "vitattn.options",
+    "QueryKind": "vitattn.options",
+    "RenderOptions": "vitattn.options",
+    "RunOptions": "vitattn.options",
     "TokenLayout": "vitattn.models",
     "UnsupportedModelError": "vitattn.errors",
     "UsageError": "vitattn.errors",
@@ -68,21 +77,19 @@ _EXPORTS = {
     "WeightsUnavailableError": "vitattn.errors",
     "attention_rollout": "vitattn.maps",
     "colormap_lut": "vitattn.render",
-    "compute_attention": "vitattn.attention",
     "describe": "vitattn.models",
+    "explain": "vitattn.explainer",
     "grad_rollout": "vitattn.maps",
-    "iter_inputs": "vitattn.inputs",
     "labelled_grid": "vitattn.render",
     "load_image": "vitattn.inputs",
     "load_model": "vitattn.models",
     "mask_overlay": "vitattn.render",
     "mass_mask": "vitattn.maps",
     "overlay": "vitattn.render",
-    "parse_method": "vitattn.methods",
-    "parse_query": "vitattn.maps",
-    "resolve_settings": "vitattn.attention",
     "scale_maps": "vitattn.render",
+    "start_heatmap": "vitattn.heatmap",
     "supported_models": "vitattn.models",
+    "wrap_model": "vitattn.models",
 }
 
 
@@ -95,31 +102,35 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])
+
+
 __all__ = [
     "DEFAULT_MODEL",
-    "METHODS",
     "AttentionCapture",
+    "AttentionOptions",
     "BlockMaps",
     "CaptureError",
-    "GradRolloutReducer",
     "HeadFusion",
+    "HeatmapRun",
     "ImageAttention",
+    "ImageFormat",
     "InputError",
-    "InputItem",
+    "InputOptions",
     "LoadedImage",
     "LoadedModel",
     "Method",
-    "MethodReducer",
     "ModelError",
+    "ModelOptions",
     "Outcome",
     "OutputError",
+    "Precision",
     "Prediction",
     "Query",
+    "QueryKind",
     "RenderOptions",
-    "RolloutReducer",
     "RunOptions",
-    "Runner",
-    "Settings",
     "TokenLayout",
     "UnsupportedModelError",
     "UsageError",
@@ -127,19 +138,17 @@ __all__ = [
     "WeightsUnavailableError",
     "attention_rollout",
     "colormap_lut",
-    "compute_attention",
     "describe",
+    "explain",
     "grad_rollout",
-    "iter_inputs",
     "labelled_grid",
     "load_image",
     "load_model",
     "mask_overlay",
     "mass_mask",
     "overlay",
-    "parse_method",
-    "parse_query",
-    "resolve_settings",
     "scale_maps",
+    "start_heatmap",
     "supported_models",
+    "wrap_model",
 ]

@@ -6,15 +6,16 @@ This composes the capture and maps stages for one batch; :mod:`vitattn.pipeline`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vitattn.capture import AttentionCapture
 from vitattn.errors import CaptureError, UsageError
-from vitattn.maps import HeadFusion, Query, parse_query, patch_grid, query_rows
-from vitattn.methods import METHODS, GradRolloutReducer, Method, MethodReducer, parse_method
-from vitattn.preprocess import Box, crop_box, to_batch
+from vitattn.maps import check_query, patch_grid, query_rows
+from vitattn.methods import METHODS, GradRolloutReducer, MethodReducer
+from vitattn.options import AttentionOptions, HeadFusion, Method, Precision, Query
+from vitattn.preprocess import Box
 
 if TYPE_CHECKING:
     import numpy as np
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from vitattn.models import LoadedModel
-
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -35,21 +34,20 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Settings:
-    """What to compute, resolved and validated against one model.
+    """What to compute, resolved and validated against one model (from :class:`AttentionOptions`).
 
     Attributes:
-        blocks: non-negative block indices.
-        query: whose attention.
+        blocks: non-negative block indices, ascending.
+        query: whose attention (the model's natural query when none was asked for).
         heads: head indices kept.
         top_k: predictions to report (0: none, and the forward pass may stop after the last block).
         grid: (rows, cols) of the patch grid at the model's input size.
-        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast).
-        method: ``raw`` (each block's own attention), ``rollout`` or ``grad-rollout`` (from block 0 up to
-            each chosen block).
+        precision: forward-pass precision.
+        method: ``raw``, ``rollout`` or ``grad-rollout``.
         fuse: how heads are combined: the fused raw map, and each block's heads in ``rollout``.
-        discard_ratio: ``rollout`` only: the fraction of each row's lowest entries dropped (never the
-            diagonal), in [0, 1).
+        discard_ratio: ``rollout`` only: the fraction of each row's lowest entries dropped, in [0, 1).
         target_class: ``grad-rollout`` only: the class explained; None for each image's top-1 class.
+        depth: the model's number of blocks (to read negative block indices).
     """
 
     blocks: tuple[int, ...]
@@ -57,92 +55,42 @@ class Settings:
     heads: tuple[int, ...]
     top_k: int
     grid: tuple[int, int]
-    precision: str = "fp32"
+    precision: Precision = Precision.fp32
     method: Method = Method.raw
     fuse: HeadFusion = HeadFusion.mean
     discard_ratio: float = 0.0
     target_class: int | None = None
+    depth: int = 0
 
 
-def resolve_settings(
-    loaded: LoadedModel,
-    *,
-    blocks: Sequence[int] = (-1,),
-    query: str | None = None,
-    heads: Sequence[int] | None = None,
-    top_k: int | None = None,
-    precision: str = "fp32",
-    method: str | Method = Method.raw,
-    fuse: str | HeadFusion = HeadFusion.mean,
-    discard_ratio: float | None = None,
-    target_class: int | str | None = None,
-) -> Settings:
-    """Validate user choices against the model (UsageError with the valid range otherwise).
-
-    ``discard_ratio`` applies to ``rollout`` only and ``target_class`` (an index, or ``top1``) to
-    ``grad-rollout`` only; giving them with another method is a usage error.
-    """
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
-    if not blocks:
-        raise UsageError("no block chosen")
+def resolve_settings(loaded: LoadedModel, options: AttentionOptions | None = None) -> Settings:
+    """Check the options against the model (UsageError naming the valid range otherwise)."""
+    o = options or AttentionOptions()
+    blocks = range(loaded.depth) if o.blocks is None else o.blocks
     resolved = tuple(sorted({loaded.resolve_block(b) for b in blocks}))
     grid = loaded.grid
-    k = loaded.default_top_k() if top_k is None else top_k
-    if k < 0:
-        raise UsageError(f"--top-k {k}: must be 0 or more")
-    how = parse_method(method)
+    k = loaded.default_top_k() if o.top_k is None else o.top_k
+    if o.method is Method.grad_rollout and loaded.num_classes <= 0:
+        raise UsageError("grad-rollout explains a class score, and this model has no classifier head", option="method")
+    if o.target_class is not None and o.target_class >= loaded.num_classes:
+        n = loaded.num_classes
+        raise UsageError(
+            f"target class {o.target_class} is out of range: this model has {n} classes (0..{n - 1})",
+            option="target_class",
+        )
     return Settings(
         blocks=resolved,
-        query=parse_query(query, loaded.layout, grid),
-        heads=tuple(loaded.resolve_heads(list(heads) if heads is not None else None)),
+        query=check_query(o.query, loaded.layout, grid),
+        heads=tuple(loaded.resolve_heads(list(o.heads) if o.heads is not None else None)),
         top_k=min(k, loaded.num_classes),
         grid=grid,
-        precision=precision,
-        method=how,
-        fuse=parse_fusion(fuse),
-        discard_ratio=_discard_ratio(discard_ratio, how),
-        target_class=_target_class(target_class, how, loaded.num_classes),
+        precision=o.precision,
+        method=o.method,
+        fuse=o.fuse,
+        discard_ratio=o.discard_ratio or 0.0,
+        target_class=o.target_class,
+        depth=loaded.depth,
     )
-
-
-def parse_fusion(value: str | HeadFusion) -> HeadFusion:
-    """``mean``, ``max`` or ``min`` (UsageError otherwise)."""
-    try:
-        return HeadFusion(value.strip().lower() if isinstance(value, str) else value)
-    except ValueError:
-        raise UsageError(f"unknown --fuse {value!r}: use mean, max or min") from None
-
-
-def _discard_ratio(value: float | None, method: Method) -> float:
-    if value is None:
-        return 0.0
-    if method is not Method.rollout:
-        raise UsageError(f"--discard-ratio applies to --method rollout only (not {method.value})")
-    if not 0.0 <= value < 1.0:
-        raise UsageError(f"--discard-ratio {value}: the fraction of each row dropped, at least 0 and below 1")
-    return float(value)
-
-
-def _target_class(value: int | str | None, method: Method, num_classes: int) -> int | None:
-    if method is Method.grad_rollout and num_classes <= 0:
-        raise UsageError("--method grad-rollout explains a class score, and this model has no classifier head")
-    if value is None:
-        return None
-    if method is not Method.grad_rollout:
-        raise UsageError(f"--target-class applies to --method grad-rollout only (not {method.value})")
-    text = str(value).strip().lower()
-    if text == "top1":
-        return None
-    try:
-        index = int(text)
-    except ValueError:
-        raise UsageError(f"--target-class {value!r}: a class index or top1") from None
-    if not 0 <= index < num_classes:
-        raise UsageError(
-            f"--target-class {index} is out of range: this model has {num_classes} classes (0..{num_classes - 1})"
-        )
-    return index
 
 
 @dataclass
@@ -178,9 +126,15 @@ class BlockMaps:
 class ImageAttention:
     """Everything computed for one picture.
 
+    ``result[b]`` is block ``b``'s :class:`BlockMaps`, with ``b`` as the caller gave it (``-1``: the last
+    block); ``result.blocks`` holds them by non-negative index.
+
     Attributes:
         method: what ``BlockMaps.method_map`` holds (``raw``: nothing; the heads are the maps).
         target: with ``grad-rollout``, the class that was explained, with its probability.
+        crop_box: the region of ``photo`` the model saw, in its pixels (left, top, right, bottom).
+        depth: the model's number of blocks.
+        photo: the picture the maps belong to, when it was given as a picture.
     """
 
     query: Query
@@ -190,15 +144,76 @@ class ImageAttention:
     crop_box: Box | None = None
     method: Method = Method.raw
     target: Prediction | None = None
+    depth: int = 0
+    photo: Image.Image | None = field(default=None, repr=False)
+
+    def __getitem__(self, block: int) -> BlockMaps:
+        index = block % self.depth if self.depth and -self.depth <= block < 0 else block
+        if index not in self.blocks:
+            have = ", ".join(str(b) for b in self.blocks)
+            raise KeyError(f"block {block} was not computed (computed: {have})")
+        return self.blocks[index]
+
+    def overlay(
+        self,
+        photo: Image.Image | None = None,
+        *,
+        block: int = -1,
+        head: int | HeadFusion | str = HeadFusion.mean,
+        cmap: str = "inferno",
+        alpha: float = 0.6,
+        max_side: int = 512,
+    ) -> Image.Image:
+        """One map drawn over the picture, the model's crop box mapped onto it.
+
+        Args:
+            photo: the picture to draw on; None: the one the maps were computed from.
+            block: which block, as given to :func:`vitattn.explain` (negatives count from the end).
+            head: a head index, or ``mean`` / ``max`` / ``min`` for the fused heads; with rollout or
+                grad-rollout, ``method`` draws the method's map.
+            cmap: any matplotlib colormap.
+            alpha: heat opacity.
+            max_side: long side of the picture drawn, in pixels (0: the photo's own size).
+        """
+        from vitattn.render import colormap_lut, overlay, scale_maps
+
+        picture = photo if photo is not None else self.photo
+        if picture is None:
+            raise UsageError("no picture to draw on: pass the photo the maps were computed from", option="photo")
+        bm = self[block]
+        if head == "method":
+            if bm.method_map is None:
+                raise UsageError(f"block {block} has no {self.method.value} map", option="head")
+            heat = bm.method_map
+        elif isinstance(head, int):
+            if head not in bm.head_ids:
+                raise UsageError(f"head {head} was not computed (computed: {list(bm.head_ids)})", option="head")
+            heat = bm.heads[bm.head_ids.index(head)]
+        else:
+            heat = bm.fused(HeadFusion(head))
+        scaled = scale_maps(heat[None], shared=False)[0]  # (gh, gw) in [0, 1]
+        box = self.crop_box if photo is None or self.photo is None else None
+        if box is None:
+            box = _crop_box_for(picture.size, self.crop_box, self.photo)
+        return overlay(picture, scaled, crop_box=box, lut=colormap_lut(cmap), alpha=alpha, max_side=max_side)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+def _crop_box_for(size: tuple[int, int], box: Box | None, source: Image.Image | None) -> Box:
+    """The crop box scaled onto another copy of the picture (e.g. the full-size original)."""
+    w, h = size
+    if box is None or source is None:
+        return (0.0, 0.0, float(w), float(h))
+    sx, sy = w / source.width, h / source.height
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[Any]:
     """Autocast for bf16/fp16; a no-op for fp32."""
     import torch
 
-    if precision == "fp32":
+    if precision is Precision.fp32:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -313,61 +328,7 @@ def forward_batch(
             top=tops[i],
             method=settings.method,
             target=explained[i],
+            depth=settings.depth,
         )
         for i in range(n)
     ]
-
-
-def compute_attention(
-    loaded: LoadedModel,
-    images: Sequence[Image.Image],
-    *,
-    blocks: Sequence[int] = (-1,),
-    query: str | None = None,
-    heads: Sequence[int] | None = None,
-    top_k: int | None = 0,
-    precision: str = "fp32",
-    method: str | Method = Method.raw,
-    fuse: str | HeadFusion = HeadFusion.mean,
-    discard_ratio: float | None = None,
-    target_class: int | str | None = None,
-) -> list[ImageAttention]:
-    """Attention maps for upright RGB pictures, preprocessed with the model's own transform.
-
-    Args:
-        loaded: from :func:`vitattn.load_model`.
-        images: PIL RGB pictures (apply EXIF orientation first, e.g. with :func:`vitattn.load_image`).
-        blocks: block indices (negatives count from the end).
-        query: ``cls``, ``dist``, ``patch-mean`` or ``patch:R,C``; None picks the model's default.
-        heads: head indices to keep (None: all).
-        top_k: predictions to report; None picks the model's default (5 for an ImageNet head).
-        precision: ``fp32``, ``bf16`` or ``fp16``.
-        method: ``raw``, ``rollout`` (attention rollout) or ``grad-rollout`` (class-specific relevance);
-            the latter two fill ``BlockMaps.method_map`` for every chosen block, from one forward pass
-            (plus one backward pass for ``grad-rollout``).
-        fuse: ``mean``, ``max`` or ``min``: how heads are combined (for ``rollout``, in every block).
-        discard_ratio: ``rollout`` only: drop this fraction of each row's lowest entries, in [0, 1).
-        target_class: ``grad-rollout`` only: a class index, or None / ``top1`` for each image's top class.
-
-    Returns:
-        One :class:`ImageAttention` per picture, with ``crop_box`` set to the region the model saw.
-    """
-    settings = resolve_settings(
-        loaded,
-        blocks=blocks,
-        query=query,
-        heads=heads,
-        top_k=top_k,
-        precision=precision,
-        method=method,
-        fuse=fuse,
-        discard_ratio=discard_ratio,
-        target_class=target_class,
-    )
-    transform = loaded.transform
-    x = to_batch(images, transform)  # (B, 3, H, W)
-    with capturing(loaded, settings) as cap:
-        results = forward_batch(loaded, cap, x, settings)
-    for img, res in zip(images, results, strict=True):
-        res.crop_box = crop_box(transform, img.size)
-    return results

@@ -112,17 +112,19 @@ class Bench:
         return len(self.photos) / (time.perf_counter() - start)
 
     def vitattn(self, **kw: Any) -> float:
-        from vitattn.attention import resolve_settings
-        from vitattn.inputs import iter_inputs
-        from vitattn.pipeline import RenderOptions, Runner, RunOptions
+        from vitattn.heatmap import start_heatmap
+        from vitattn.options import AttentionOptions, InputOptions, RenderOptions
 
         fmt = kw.pop("format", "png")
         out = Path(tempfile.mkdtemp(dir=self.root, prefix="out-"))
-        settings = resolve_settings(self.loaded, blocks=kw.pop("blocks", [-1]), top_k=kw.pop("top_k", None), **kw)
-        runner = Runner(self.loaded, settings, RenderOptions(out=out, format=fmt), RunOptions())
-        items = iter_inputs([str(p) for p in self.photos])  # exactly these, whatever else the folder holds
+        run = start_heatmap(
+            inputs=InputOptions(tuple(str(p) for p in self.photos)),  # exactly these, whatever else the folder holds
+            model=self.loaded,
+            attention=AttentionOptions(**kw),
+            render=RenderOptions(out=out, format=fmt),
+        )
         start = time.perf_counter()
-        n = sum(1 for o in runner.run(items) if o.status == "ok")
+        n = sum(1 for o in run.outcomes() if o.status == "ok")
         elapsed = time.perf_counter() - start
         self.outputs.append(out)
         if n != len(self.photos):
@@ -212,7 +214,7 @@ class Bench:
         import numpy as np
         from PIL import Image
 
-        from vitattn.attention import compute_attention
+        from vitattn.explainer import explain
         from vitattn.render import scale_maps
 
         images = []
@@ -221,7 +223,7 @@ class Bench:
                 images.append(im.convert("RGB"))
         diffs = []
         for precision in ("fp32", "bf16"):
-            res = compute_attention(self.loaded, images, blocks=[-1], top_k=0, precision=precision)
+            res = explain(self.loaded, images, blocks=-1, top_k=0, precision=precision)
             diffs.append(np.stack([scale_maps(r.blocks[max(r.blocks)].heads, shared=False) for r in res]))
         levels = np.abs(diffs[0] - diffs[1]) * 255
         return float(levels.mean()), float(levels.max())

@@ -12,20 +12,91 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from vitattn._version import __version__
 from vitattn.errors import ExitCode, UsageError, VitattnError, display_path
+from vitattn.options import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MODEL,
+    AttentionOptions,
+    HeadFusion,
+    ImageFormat,
+    InputOptions,
+    Method,
+    ModelOptions,
+    Precision,
+    Query,
+    RenderOptions,
+    RunOptions,
+)
 
 if TYPE_CHECKING:
-    from vitattn.pipeline import Outcome
+    from vitattn.job import Outcome
 
-DEFAULT_MODEL = "deit_small_distilled_patch16_224"  # = vitattn.models.DEFAULT_MODEL, kept here for a fast --help
+#: The flag of each library option, to name it in error lines (the library names values, not flags).
+FLAGS = {
+    "alpha": "--alpha",
+    "batch_size": "--batch-size",
+    "blocks": "--block",
+    "cmap": "--cmap",
+    "device": "--device",
+    "discard_ratio": "--discard-ratio",
+    "format": "--format",
+    "fuse": "--fuse",
+    "heads": "--heads",
+    "inputs": "INPUTS",
+    "max_pixels": "--max-pixels",
+    "max_side": "--max-side",
+    "method": "--method",
+    "model": "--model",
+    "out": "--out",
+    "precision": "--precision",
+    "query": "--query",
+    "target_class": "--target-class",
+    "threshold": "--threshold",
+    "top_k": "--top-k",
+    "weights": "--weights",
+}
+
+class _Group(TyperGroup):
+    """The app's command group: every usage error the parser finds becomes one ``vitattn: error:`` line."""
+
+    def main(  # type: ignore[override]
+        self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+        standalone_mode: bool = True, **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `vitattn`: its help, as Typer shows it
+                show: Any = getattr(exc, "show", None)
+                if show is not None:
+                    show()
+            else:
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                _err(_escape(exc.format_message().replace("Value error, ", "")) + hint)
+            rv = exc.exit_code
+        except typer.Abort:
+            _err("interrupted")
+            rv = ExitCode.INTERRUPTED
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _escape(text: str) -> str:
+    """One printable line: control characters (newlines, terminal escapes) shown as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
 
 app = typer.Typer(
     name="vitattn",
+    cls=_Group,
     help="See where a Vision Transformer looks: exact per-head attention heatmaps for timm ViTs.",
     add_completion=False,
     no_args_is_help=True,
@@ -74,26 +145,46 @@ def _silence(stream: Any) -> None:
         os.close(devnull)
 
 
-def _parse_ints(text: str | None, what: str) -> list[int] | None:
+def _parse_ints(text: str | None, option: str) -> tuple[int, ...] | None:
+    """``0,3,5`` -> (0, 3, 5); None or ``all`` -> None."""
     if text is None or text.strip().lower() == "all":
         return None
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
+        values = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
     except ValueError:
-        raise UsageError(f"--{what} {text!r}: expected comma-separated integers, e.g. 0,3,5") from None
-
-
-def _parse_blocks(values: list[str] | None, depth: int) -> list[int]:
+        raise UsageError(f"{text!r}: expected comma-separated integers, e.g. 0,3,5", option=option) from None
     if not values:
-        return [-1]
+        raise UsageError(f"{text!r}: no index given", option=option)
+    return values
+
+
+def _parse_blocks(values: list[str] | None) -> tuple[int, ...] | None:
+    """Repeated ``-b`` values, each an index, a comma list or ``all`` -> indices (None: every block)."""
+    if not values:
+        return AttentionOptions.blocks
     blocks: list[int] = []
     for value in values:
-        if value.strip().lower() == "all":
-            blocks.extend(range(depth))
-            continue
-        parsed = _parse_ints(value, "block")
-        blocks.extend(parsed or [])
-    return blocks
+        parsed = _parse_ints(value, "blocks")
+        if parsed is None:
+            return None
+        blocks.extend(parsed)
+    return tuple(blocks)
+
+
+def _parse_query(text: str) -> Query:
+    try:
+        return Query.parse(text)
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _parse_target(text: str | None) -> int | None:
+    if text is None or text.strip().lower() == "top1":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{text!r}: a class index or top1", option="target_class") from None
 
 
 class _Progress:
@@ -164,7 +255,8 @@ def heatmap(
         bool, typer.Option("-0", "--null", help="Paths on stdin are NUL-separated (find -print0).")
     ] = False,
     model: Annotated[
-        str, typer.Option("-m", "--model", help="timm model name, hf-hub:ORG/NAME or local-dir:PATH.")
+        str,
+        typer.Option("-m", "--model", help="timm model name, hf-hub:ORG/NAME, local-dir:PATH, or demo (bundled)."),
     ] = DEFAULT_MODEL,
     weights: Annotated[
         str | None,  # a plain string: the loader, not the parser, reports a missing or unreadable file
@@ -173,7 +265,7 @@ def heatmap(
         ),
     ] = None,
     no_pretrained: Annotated[
-        bool, typer.Option("--no-pretrained", help="Random weights (the maps are meaningless; for testing).")
+        bool, typer.Option("--no-pretrained", help="Random weights, seeded (the maps are meaningless; for testing).")
     ] = False,
     block: Annotated[
         list[str] | None,
@@ -186,24 +278,28 @@ def heatmap(
     ] = None,
     heads: Annotated[str | None, typer.Option("--heads", help="Heads to draw, e.g. 0,3,5.", show_default="all")] = None,
     query: Annotated[
-        str | None,
+        Query | None,
         typer.Option(
             "--query",
+            parser=_parse_query,
+            metavar="QUERY",
             help="Whose attention: cls, dist, patch-mean, or patch:R,C.",
             show_default="cls, or patch-mean without a class token",
         ),
-    ] = None,
+    ] = AttentionOptions.query,
     method: Annotated[
-        str,
+        Method,
         typer.Option(
             "--method",
+            case_sensitive=False,
             help="raw: each block's own attention, per head; rollout: attention rollout from block 0 up to the "
             "block; grad-rollout: class-specific relevance (gradient-weighted attention) up to the block.",
         ),
-    ] = "raw",
+    ] = AttentionOptions.method,
     fuse: Annotated[
-        str, typer.Option("--fuse", help="How heads are combined: mean, max or min (the fused map, and rollout).")
-    ] = "mean",
+        HeadFusion,
+        typer.Option("--fuse", case_sensitive=False, help="How heads are combined (the fused map, and rollout)."),
+    ] = AttentionOptions.fuse,
     discard_ratio: Annotated[
         float | None,
         typer.Option(
@@ -211,7 +307,7 @@ def heatmap(
             help="rollout: drop this fraction of each row's lowest attention (never a token's own), in [0, 1).",
             show_default="0",
         ),
-    ] = None,
+    ] = AttentionOptions.discard_ratio,
     target_class: Annotated[
         str | None,
         typer.Option(
@@ -225,27 +321,29 @@ def heatmap(
             help="Also draw, per map, the smallest set of patches holding this fraction of its mass (e.g. 0.6).",
             show_default=False,
         ),
-    ] = None,
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("vitattn-out"),
+    ] = RenderOptions.threshold,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = RenderOptions.out,
     npy: Annotated[
         bool,
         typer.Option(
             "--npy", help="Also write block{B}_attn.npy (heads, grid_h, grid_w), or block{B}_{method}.npy."
         ),
-    ] = False,
+    ] = RenderOptions.npy,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per input on stdout.")] = False,
-    cmap: Annotated[str, typer.Option("--cmap", help="Any matplotlib colormap.")] = "inferno",
-    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.6,
+    cmap: Annotated[str, typer.Option("--cmap", help="Any matplotlib colormap.")] = RenderOptions.cmap,
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = RenderOptions.alpha,
     max_side: Annotated[
         int, typer.Option("--max-side", min=0, help="Long side of written overlays in pixels (0: original size).")
-    ] = 512,
+    ] = RenderOptions.max_side,
     shared_scale: Annotated[
         bool, typer.Option("--shared-scale", help="One colour scale across heads (default: each head its own).")
-    ] = False,
+    ] = RenderOptions.shared_scale,
     device: Annotated[
         str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda[:N], mps.")
-    ] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 16,
+    ] = ModelOptions.device,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Images per forward pass.")
+    ] = RunOptions.batch_size,
     top_k: Annotated[
         int | None,
         typer.Option(
@@ -254,11 +352,19 @@ def heatmap(
             help="Predictions to report (0: none; the forward pass then stops early).",
             show_default="5 for an ImageNet head",
         ),
-    ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="Overlay format: png, jpg or webp.")] = "png",
-    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast).")] = "fp32",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo inputs whose outputs exist.")] = False,
-    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed input.")] = False,
+    ] = AttentionOptions.top_k,
+    fmt: Annotated[
+        ImageFormat, typer.Option("--format", case_sensitive=False, help="Overlay format.")
+    ] = RenderOptions.format,
+    precision: Annotated[
+        Precision, typer.Option("--precision", case_sensitive=False, help="Forward-pass precision (autocast).")
+    ] = AttentionOptions.precision,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo inputs whose outputs exist.")
+    ] = RunOptions.overwrite,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Stop at the first failed input.")
+    ] = RunOptions.fail_fast,
     max_pixels: Annotated[
         int | None,
         typer.Option(
@@ -271,8 +377,6 @@ def heatmap(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Draw the attention of chosen blocks' heads, or a rollout of them, over each picture."""
-    params = dict(locals())
-    params.pop("ctx")
     if not inputs:
         if _stdin_is_terminal():
             name = ctx.command_path
@@ -281,73 +385,83 @@ def heatmap(
                 "vitattn: error: no inputs: name image files or folders, or pipe paths in (- reads stdin)\n"
             )
             raise typer.Exit(ExitCode.USAGE)
-        params["inputs"] = ["-"]
+        inputs = ["-"]
     progress = _Progress()
-    _run_guarded(debug, lambda: _heatmap(progress, **params), progress)
+
+    def call() -> int:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out}: exists and is not a folder", option="out")
+        stdin = None
+        if "-" in inputs:
+            if sys.stdin is None:
+                raise UsageError("- reads paths from stdin, but stdin is closed", option="inputs")
+            stdin = sys.stdin.buffer
+        return _heatmap(
+            progress,
+            stdin=stdin,
+            as_json=as_json,
+            inputs=InputOptions(tuple(inputs), recursive=recursive, null_separated=null),
+            model=ModelOptions(model, weights=weights, pretrained=not no_pretrained, device=device),
+            attention=AttentionOptions(
+                blocks=_parse_blocks(block),
+                query=query,
+                heads=_parse_ints(heads, "heads"),
+                method=method,
+                fuse=fuse,
+                discard_ratio=discard_ratio,
+                target_class=_parse_target(target_class),
+                top_k=top_k,
+                precision=precision,
+            ),
+            render=RenderOptions(
+                out=out,
+                cmap=cmap,
+                alpha=alpha,
+                max_side=max_side,
+                shared_scale=shared_scale,
+                npy=npy,
+                format=fmt,
+                threshold=threshold,
+            ),
+            run=RunOptions(
+                batch_size=batch_size,
+                overwrite=overwrite,
+                fail_fast=fail_fast,
+                max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None),
+            ),
+        )
+
+    _run_guarded(debug, call, progress)
 
 
-def _heatmap(progress: _Progress, **o: Any) -> int:
-    from vitattn.attention import resolve_settings
-    from vitattn.inputs import DEFAULT_MAX_PIXELS, iter_inputs
-    from vitattn.models import load_model
-    from vitattn.outputs import prepare_out_root
-    from vitattn.pipeline import FORMATS, RenderOptions, Runner, RunOptions
+def _heatmap(
+    progress: _Progress,
+    *,
+    inputs: InputOptions,
+    model: ModelOptions,
+    attention: AttentionOptions,
+    render: RenderOptions,
+    run: RunOptions,
+    stdin: BinaryIO | None,
+    as_json: bool,
+) -> int:
+    from vitattn.heatmap import start_heatmap
 
-    fmt = o["fmt"].lower().replace("jpeg", "jpg")
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {o['fmt']}: use png, jpg or webp")
-    out: Path = o["out"]
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
-    heads = _parse_ints(o["heads"], "heads")
-    stdin = None
-    if "-" in o["inputs"]:
-        if sys.stdin is None:
-            raise UsageError("- reads paths from stdin, but stdin is closed")
-        stdin = sys.stdin.buffer
-    if o["weights"] is not None and o["no_pretrained"]:
-        raise UsageError("--weights and --no-pretrained contradict each other")
-    loaded = load_model(o["model"], weights=o["weights"], pretrained=not o["no_pretrained"], device=o["device"])
-    if loaded.weights == "random":
+    started = start_heatmap(inputs=inputs, model=model, attention=attention, render=render, run=run, stdin=stdin)
+    if started.loaded.weights == "random":
         _err("--no-pretrained: random weights, so the maps are meaningless (useful for testing only)", "warning")
-    settings = resolve_settings(
-        loaded,
-        blocks=_parse_blocks(o["block"], loaded.depth),
-        query=o["query"],
-        heads=heads,
-        top_k=o["top_k"],
-        precision=o["precision"],
-        method=o["method"],
-        fuse=o["fuse"],
-        discard_ratio=o["discard_ratio"],
-        target_class=o["target_class"],
-    )
-    render = RenderOptions(
-        out=out,
-        cmap=o["cmap"],
-        alpha=o["alpha"],
-        max_side=o["max_side"],
-        shared_scale=o["shared_scale"],
-        npy=o["npy"],
-        format=fmt,
-        threshold=o["threshold"],
-    )
-    max_pixels = DEFAULT_MAX_PIXELS if o["max_pixels"] is None else (o["max_pixels"] or None)
-    runner = Runner(
-        loaded,
-        settings,
-        render,
-        RunOptions(
-            batch_size=o["batch_size"], overwrite=o["overwrite"], fail_fast=o["fail_fast"], max_pixels=max_pixels
-        ),
-    )
-    prepare_out_root(out)
-    items = iter_inputs(o["inputs"], recursive=o["recursive"], null_separated=o["null"], stdin=stdin, exclude=[out])
     progress.started = True
-    with contextlib.closing(runner.run(items)) as outcomes:  # closing drains the write workers, also on errors
+    with contextlib.closing(started.outcomes()) as outcomes:  # closing drains the write workers, also on errors
         for outcome in outcomes:
-            _report(outcome, as_json=o["as_json"], progress=progress)
+            _report(outcome, as_json=as_json, progress=progress)
     return ExitCode.INPUT_FAILED if progress.counts["error"] else ExitCode.OK
+
+
+def _message(exc: VitattnError) -> str:
+    """The error's line, led by the flag of the option at fault when there is one."""
+    option = getattr(exc, "option", None)
+    flag = FLAGS.get(option) if option else None
+    return f"{flag}: {exc}" if flag else str(exc)
 
 
 def _run_guarded(debug: bool, call: Any, progress: _Progress | None = None) -> NoReturn:
@@ -366,7 +480,7 @@ def _run_guarded(debug: bool, call: Any, progress: _Progress | None = None) -> N
     except VitattnError as exc:
         if debug:
             raise
-        _err(str(exc))
+        _err(_message(exc))
         code = exc.exit_code
     except KeyboardInterrupt:
         _err("interrupted", "error")

@@ -47,9 +47,18 @@ class VitattnError(Exception):
 
 
 class UsageError(VitattnError):
-    """A bad option value: block or head out of range, unknown query, bad model name..."""
+    """A bad option value: block or head out of range, unknown query, bad model name...
+
+    Attributes:
+        option: the option's name in the library (``query``, ``top_k``...), when one option is at fault;
+            the CLI prefixes the message with that option's flag.
+    """
 
     exit_code = ExitCode.USAGE
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 class ModelError(VitattnError):

@@ -7,13 +7,11 @@ Matrices are row-stochastic with rows = queries: ``A[i, j]`` is how much token i
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING
 
 from vitattn.errors import UsageError
+from vitattn.options import HeadFusion, Query, QueryKind
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,58 +19,24 @@ if TYPE_CHECKING:
 
     from vitattn.models import TokenLayout
 
-_PATCH_RE = re.compile(r"^patch:(-?\d+),(-?\d+)$")
-
-
-class HeadFusion(str, Enum):
-    """How heads are combined into one map."""
-
-    mean = "mean"
-    max = "max"
-    min = "min"
-
-
-@dataclass(frozen=True)
-class Query:
-    """Whose attention to show: a prefix token (``cls``, ``dist``), the mean over patch queries, or one patch.
-
-    Attributes:
-        kind: ``cls``, ``dist``, ``patch-mean`` or ``patch``.
-        row, col: the patch for ``patch`` queries (grid coordinates).
-    """
-
-    kind: str
-    row: int = 0
-    col: int = 0
-
-    def __str__(self) -> str:
-        return f"patch:{self.row},{self.col}" if self.kind == "patch" else self.kind
-
-
-def parse_query(text: str | None, layout: TokenLayout, grid: tuple[int, int]) -> Query:
-    """Parse ``--query`` for a model; None picks ``cls`` when the model has a class token, else ``patch-mean``.
+def check_query(query: Query | None, layout: TokenLayout, grid: tuple[int, int]) -> Query:
+    """The query for a model: None picks ``cls`` when the model has a class token, else ``patch-mean``.
 
     Raises:
-        UsageError: unknown query, a token the model does not have, or a patch outside the grid.
+        UsageError: a token the model does not have, or a patch outside the grid.
     """
-    if text is None:
-        return Query("cls" if layout.has_cls else "patch-mean")
-    text = text.strip().lower()
-    if text in ("cls", "dist"):
-        if layout.index_of(text) is None:
-            have = ", ".join(layout.roles) or "none"
-            raise UsageError(f"--query {text}: this model has no {text} token (its prefix tokens: {have})")
-        return Query(text)
-    if text == "patch-mean":
-        return Query(text)
-    m = _PATCH_RE.match(text)
-    if m:
-        row, col = int(m.group(1)), int(m.group(2))
+    if query is None:
+        return Query(QueryKind.cls if layout.has_cls else QueryKind.patch_mean)
+    if query.kind in (QueryKind.cls, QueryKind.dist) and layout.index_of(query.kind.value) is None:
+        have = ", ".join(layout.roles) or "none"
+        raise UsageError(f"this model has no {query.kind.value} token (its prefix tokens: {have})", option="query")
+    if query.kind is QueryKind.patch:
         gh, gw = grid
-        if not (0 <= row < gh and 0 <= col < gw):
-            raise UsageError(f"--query {text}: patch outside the {gh}×{gw} grid (rows 0..{gh - 1}, cols 0..{gw - 1})")
-        return Query("patch", row, col)
-    raise UsageError(f"unknown --query {text!r}: use cls, dist, patch-mean or patch:R,C")
+        if not (0 <= query.row < gh and 0 <= query.col < gw):
+            raise UsageError(
+                f"{query}: patch outside the {gh}×{gw} grid (rows 0..{gh - 1}, cols 0..{gw - 1})", option="query"
+            )
+    return query
 
 
 def query_rows(attn: torch.Tensor, query: Query, layout: TokenLayout, grid: tuple[int, int]) -> torch.Tensor:
@@ -84,13 +48,13 @@ def query_rows(attn: torch.Tensor, query: Query, layout: TokenLayout, grid: tupl
         (B, H, N) probabilities (each row sums to one over N).
     """
     p = layout.num_prefix_tokens
-    if query.kind == "patch-mean":
+    if query.kind is QueryKind.patch_mean:
         return attn[:, :, p:, :].mean(dim=2)  # (B, H, N)
-    if query.kind == "patch":
+    if query.kind is QueryKind.patch:
         return attn[:, :, p + query.row * grid[1] + query.col, :]  # (B, H, N)
-    index = layout.index_of(query.kind)
+    index = layout.index_of(query.kind.value)
     if index is None:
-        raise UsageError(f"this model has no {query.kind} token")
+        raise UsageError(f"this model has no {query.kind.value} token", option="query")
     return attn[:, :, index, :]  # (B, H, N)
 
 
@@ -135,14 +99,14 @@ def query_weights(
     p = layout.num_prefix_tokens
     gh, gw = grid
     w = torch.zeros(p + gh * gw, dtype=torch.float32, device=device)  # (N,)
-    if query.kind == "patch-mean":
+    if query.kind is QueryKind.patch_mean:
         w[p:] = 1.0 / (gh * gw)
-    elif query.kind == "patch":
+    elif query.kind is QueryKind.patch:
         w[p + query.row * gw + query.col] = 1.0
     else:
-        index = layout.index_of(query.kind)
+        index = layout.index_of(query.kind.value)
         if index is None:
-            raise UsageError(f"this model has no {query.kind} token")
+            raise UsageError(f"this model has no {query.kind.value} token", option="query")
         w[index] = 1.0
     return w
 
@@ -167,7 +131,7 @@ def discard_lowest(matrix: torch.Tensor, ratio: float) -> torch.Tensor:
     import torch
 
     if not 0.0 <= ratio < 1.0:
-        raise UsageError(f"discard ratio {ratio}: must be at least 0 and below 1")
+        raise UsageError(f"discard ratio {ratio}: must be at least 0 and below 1", option="discard_ratio")
     n = matrix.shape[-1]
     k = int(ratio * (n - 1))
     if k == 0:
@@ -286,7 +250,9 @@ def mass_mask(heat: np.ndarray, mass: float) -> np.ndarray:
     import numpy as np
 
     if not 0.0 < mass <= 1.0:
-        raise UsageError(f"threshold {mass}: a fraction of the attention mass, above 0 and at most 1")
+        raise UsageError(
+            f"threshold {mass}: a fraction of the attention mass, above 0 and at most 1", option="threshold"
+        )
     values = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float64), nan=0.0), 0.0, None)  # (gh, gw)
     flat = values.ravel()
     order = np.argsort(-flat, kind="stable")  # largest first

@@ -20,41 +20,22 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from vitattn.errors import CaptureError, UsageError
+from vitattn.errors import CaptureError
 from vitattn.maps import (
-    HeadFusion,
-    Query,
     query_rows,
     query_weights,
     relevance_row_step,
     relevance_weights,
     rollout_step,
 )
+from vitattn.options import HeadFusion, Method, Query
 
 if TYPE_CHECKING:
     import torch
 
     from vitattn.models import TokenLayout
-
-
-class Method(str, Enum):
-    """What a map shows."""
-
-    raw = "raw"  # one block's attention, per head
-    rollout = "rollout"  # attention rollout from block 0 up to the block
-    grad_rollout = "grad-rollout"  # class-specific gradient-weighted relevance up to the block
-
-
-def parse_method(value: str | Method) -> Method:
-    """``raw``, ``rollout`` or ``grad-rollout`` (UsageError otherwise)."""
-    try:
-        return Method(value.strip().lower() if isinstance(value, str) else value)
-    except ValueError:
-        names = ", ".join(m.value for m in Method)
-        raise UsageError(f"unknown --method {value!r}: use {names}") from None
 
 
 def _no_autocast(device: torch.device) -> AbstractContextManager[Any]:

@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from vitattn.errors import ModelError, UnsupportedModelError, UsageError, WeightsUnavailableError
+from vitattn.options import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-DEFAULT_MODEL = "deit_small_distilled_patch16_224"
 MODEL_SOURCES = ("hf-hub:", "local-dir:")
+DEMO_SPEC = "demo"
+RANDOM_WEIGHTS_SEED = 0
 _MAX_KEYS_SHOWN = 5
 
 
@@ -115,7 +117,8 @@ class LoadedModel:
         depth = self.depth
         if not -depth <= block < depth:
             raise UsageError(
-                f"block {block} is out of range: this model has {depth} blocks (0..{depth - 1}, or -{depth}..-1)"
+                f"block {block} is out of range: this model has {depth} blocks (0..{depth - 1}, or -{depth}..-1)",
+                option="blocks",
             )
         return block % depth
 
@@ -126,7 +129,7 @@ class LoadedModel:
             return list(range(n))
         bad = [h for h in heads if not 0 <= h < n]
         if bad:
-            raise UsageError(f"head {bad[0]} is out of range: this model has {n} heads (0..{n - 1})")
+            raise UsageError(f"head {bad[0]} is out of range: this model has {n} heads (0..{n - 1})", option="heads")
         return list(dict.fromkeys(heads))
 
     def default_top_k(self) -> int:
@@ -150,11 +153,11 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
-        raise UsageError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from exc
+        raise UsageError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)", option="device") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
+        raise UsageError(f"{device}: CUDA is not available on this machine (try cpu)", option="device")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError(f"--device {device}: MPS is not available on this machine (try --device cpu)")
+        raise UsageError(f"{device}: MPS is not available on this machine (try cpu)", option="device")
     return dev
 
 
@@ -268,7 +271,7 @@ def _create(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
     import timm
 
     if not spec.startswith(MODEL_SOURCES) and not timm.is_model(spec):
-        raise UsageError(f"unknown model {spec!r}{_suggest(spec)}")
+        raise UsageError(f"unknown model {spec!r}{_suggest(spec)}", option="model")
     if spec.startswith("local-dir:"):
         folder = Path(spec.removeprefix("local-dir:"))
         if not (folder / "config.json").is_file():
@@ -364,8 +367,13 @@ def load_model(
         ModelError: weights that cannot be read or do not fit.
     """
     dev = resolve_device(device)
+    source_spec = resolve_spec(spec)
     use_pretrained = pretrained and weights is None
-    model = _create(spec, pretrained=use_pretrained, **(model_kwargs or {}))
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)  # random weights: the same command gives the same maps
+        model = _create(source_spec, pretrained=use_pretrained, **(model_kwargs or {}))
     layout = token_layout(model, spec)
     if weights is not None:
         load_weights(model, weights)
@@ -383,6 +391,45 @@ def load_model(
         layout=layout,
         data_config=dict(resolve_model_data_config(model)),
         device=dev,
+        labels=labels,
+        imagenet_head=imagenet,
+    )
+
+
+def resolve_spec(spec: str) -> str:
+    """``demo`` names the bundled model (a ``local-dir:`` spec that works from any folder and when installed)."""
+    if spec.strip().lower() == DEMO_SPEC:
+        from vitattn.demo import DEMO_MODEL_DIR
+
+        return f"local-dir:{DEMO_MODEL_DIR}"
+    return spec
+
+
+def wrap_model(model: nn.Module, *, spec: str | None = None, weights: str = "caller") -> LoadedModel:
+    """A timm model the caller built (``timm.create_model(...)``) as a :class:`LoadedModel`, left where it is.
+
+    Args:
+        model: a timm ViT-style model; its mode (train or eval) is not changed here.
+        spec: the name shown in records; None: the model's timm architecture name.
+        weights: where its weights came from, as recorded.
+    """
+    from timm.data import resolve_model_data_config
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = spec or str(cfg.get("architecture") or type(model).__name__)
+    layout = token_layout(model, name)
+    param = next(iter(model.parameters()), None)
+    import torch
+
+    device = param.device if param is not None else torch.device("cpu")
+    labels, imagenet = _labels(model)
+    return LoadedModel(
+        model=model,
+        spec=name,
+        weights=weights,
+        layout=layout,
+        data_config=dict(resolve_model_data_config(model)),
+        device=device,
         labels=labels,
         imagenet_head=imagenet,
     )

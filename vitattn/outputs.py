@@ -156,12 +156,15 @@ def resume_state(
     overwrite: bool,
     path: str,
     input_stat: dict[str, int] | None = None,
+    files: Iterable[str] = (),
 ) -> str:
     """Decide what to do with an input whose outputs go to ``folder``.
 
     Args:
         input_stat: the input's ``{"size", "mtime_ns"}`` now; when given, a result recorded for a file
             of another size or time (another file of the same name, or an edited one) is not skipped.
+        files: the names the result must have (:func:`vitattn.records.result_files`); a result missing
+            any of them is redone.
 
     Returns:
         ``skip`` (done before with the same settings, for the same input) or ``run``.
@@ -174,7 +177,8 @@ def resume_state(
         return "run"
     same_input = input_stat is None or meta.get("input_stat") == input_stat
     if meta.get("settings") == settings and same_input and not overwrite:
-        return "skip"
+        complete = all(os.path.isfile(folder / name) for name in files)
+        return "skip" if complete else "run"
     if overwrite:
         return "run"
     raise InputError(path, Reason.OUTPUTS_EXIST, None)

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from vitattn.cli import main as cli_main
-from vitattn.models import DEFAULT_MODEL, pretrained_unavailable
+from vitattn.models import pretrained_unavailable
+from vitattn.options import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS = REPO / "sample_images" / "photos"

@@ -1,0 +1,107 @@
+"""The heatmap run as one library call: options in, outcomes out. ``vitattn heatmap`` is a thin shell on it.
+
+Example:
+    >>> from vitattn import AttentionOptions, InputOptions, RenderOptions, start_heatmap
+    >>> run = start_heatmap(inputs=InputOptions(["photos"], recursive=True), render=RenderOptions(out="maps"))
+    >>> for outcome in run.outcomes():
+    ...     print(outcome.status, outcome.folder)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO
+
+from vitattn.attention import Settings, resolve_settings
+from vitattn.job import HeatmapJob, Outcome
+from vitattn.models import LoadedModel, load_model
+from vitattn.options import AttentionOptions, InputOptions, ModelOptions, RenderOptions, RunOptions
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass
+class HeatmapRun:
+    """A heatmap run whose model is loaded and whose options are checked; :meth:`outcomes` does the work.
+
+    Attributes:
+        loaded: the model.
+        settings: the attention options resolved against the model.
+        job: the per-batch unit of work (what a cluster worker runs).
+    """
+
+    loaded: LoadedModel
+    settings: Settings
+    job: HeatmapJob
+    inputs: InputOptions
+    run: RunOptions
+    stdin: BinaryIO | None = field(default=None, repr=False)
+
+    def outcomes(self) -> Generator[Outcome, None, None]:
+        """Discover the inputs and process them on the local engine; one outcome per input, in input order.
+
+        Raises:
+            OutputError: the output folder cannot be written (fatal for the run).
+        """
+        from vitattn.inputs import iter_inputs
+        from vitattn.scheduler import Scheduler
+
+        out = self.job.render.out
+        items = iter_inputs(
+            list(self.inputs.paths),
+            recursive=self.inputs.recursive,
+            null_separated=self.inputs.null_separated,
+            stdin=self.stdin,
+            exclude=[out],
+        )
+        yield from Scheduler(self.job, self.run).run(items)
+
+
+def start_heatmap(
+    *,
+    inputs: InputOptions,
+    model: ModelOptions | LoadedModel | nn.Module | None = None,
+    attention: AttentionOptions | None = None,
+    render: RenderOptions | None = None,
+    run: RunOptions | None = None,
+    stdin: BinaryIO | None = None,
+) -> HeatmapRun:
+    """Load the model and check every option against it: problems that concern every input raise here.
+
+    Args:
+        inputs: files, folders, or ``-`` for paths on ``stdin``.
+        model: options to load a model with, a model loaded before, or a timm ``nn.Module``; None: the
+            default model, pretrained.
+        attention: what to compute; None: the defaults.
+        render: how to draw and where to write; None: the defaults.
+        run: batch size, resume and limits; None: the defaults.
+        stdin: the binary stream ``-`` reads; None: ``sys.stdin.buffer``.
+
+    Raises:
+        UsageError: an option does not fit the model.
+        ModelError: the model or its weights cannot be loaded.
+        OutputError: the output folder cannot be created.
+    """
+    from vitattn.outputs import prepare_out_root
+
+    loaded = as_loaded(model)
+    settings = resolve_settings(loaded, attention)
+    run = run or RunOptions()
+    render = render or RenderOptions()
+    job = HeatmapJob(loaded, settings, render, run)
+    prepare_out_root(render.out)
+    return HeatmapRun(loaded=loaded, settings=settings, job=job, inputs=inputs, run=run, stdin=stdin)
+
+
+def as_loaded(model: ModelOptions | LoadedModel | nn.Module | None) -> LoadedModel:
+    """A loaded model from options, a loaded model, or a plain timm module."""
+    if isinstance(model, LoadedModel):
+        return model
+    if model is None or isinstance(model, ModelOptions):
+        o = model or ModelOptions()
+        return load_model(o.spec, weights=o.weights, pretrained=o.pretrained, device=o.device)
+    from vitattn.models import wrap_model
+
+    return wrap_model(model)
