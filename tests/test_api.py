@@ -95,6 +95,7 @@ def test_random_weights_are_seeded_and_leave_the_callers_rng_alone() -> None:
         assert torch.equal(pa, pb), name
 
 
+@pytest.mark.subprocess
 def test_public_names_resolve_and_import_stays_light() -> None:
     for name in vitattn.__all__:
         assert getattr(vitattn, name) is not None, name

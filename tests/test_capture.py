@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_model
 from reference import recorded_attention
 
 from vitattn.attention import capturing, forward_batch, resolve_settings
@@ -17,30 +18,6 @@ from vitattn.capture import AttentionCapture
 from vitattn.errors import CaptureError, UnsupportedModelError, UsageError
 from vitattn.models import LoadedModel, load_model, token_layout
 from vitattn.options import AttentionOptions
-
-# (timm name, create_model overrides that shrink it while keeping its token layout and grid)
-SMALL = {"depth": 3}
-FAMILIES: dict[str, tuple[dict[str, Any], tuple[str, ...], tuple[int, int]]] = {
-    # name: (kwargs, prefix roles, grid)
-    "test_vit": ({}, ("cls",), (10, 10)),
-    "test_vit2": ({}, ("reg0",), (10, 10)),
-    "test_vit_relpos": ({}, (), (10, 10)),
-    "deit_tiny_distilled_patch16_224": (SMALL, ("cls", "dist"), (14, 14)),
-    "deit3_small_patch16_224": ({**SMALL, "embed_dim": 96, "num_heads": 3}, ("cls",), (14, 14)),
-    "flexivit_small": ({**SMALL, "embed_dim": 96, "num_heads": 3}, ("cls",), (15, 15)),
-    "vit_small_patch14_reg4_dinov2": (
-        {**SMALL, "embed_dim": 96, "num_heads": 3},
-        ("cls", "reg0", "reg1", "reg2", "reg3"),
-        (37, 37),
-    ),
-    "vit_base_patch16_reg4_gap_256": (
-        {**SMALL, "embed_dim": 96, "num_heads": 3},
-        ("reg0", "reg1", "reg2", "reg3"),
-        (16, 16),
-    ),
-    "beit_base_patch16_224": ({**SMALL, "embed_dim": 96, "num_heads": 3}, ("cls",), (14, 14)),
-    "eva02_tiny_patch14_224": (SMALL, ("cls",), (16, 16)),
-}
 
 
 def queries_for(roles: tuple[str, ...], grid: tuple[int, int]) -> list[str]:
@@ -56,10 +33,8 @@ def reference_attention(model: torch.nn.Module, x: torch.Tensor) -> list[torch.T
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request: pytest.FixtureRequest) -> tuple[str, LoadedModel, tuple[str, ...], tuple[int, int]]:
-    torch.manual_seed(0)
-    kwargs, roles, grid = FAMILIES[request.param]
-    loaded = load_model(request.param, pretrained=False, device="cpu", model_kwargs=kwargs)
-    return request.param, loaded, roles, grid
+    f = FAMILIES[request.param]
+    return request.param, tiny_model(request.param), f.roles, f.grid
 
 
 def test_layout_and_grid_come_from_the_model(family: Any) -> None:

@@ -43,6 +43,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.subprocess
 def test_version_and_help() -> None:
     from vitattn import __version__
 
@@ -52,6 +53,7 @@ def test_version_and_help() -> None:
     assert proc.returncode == 0 and b"heatmap" in proc.stdout and b"info" in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_help_does_not_import_torch() -> None:
     code = "import sys, vitattn.cli; assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'eager import'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -158,6 +160,7 @@ def test_bad_options_are_one_line_and_write_nothing(
     assert stdout == b"" and not out.exists()
 
 
+@pytest.mark.subprocess
 def test_offline_pretrained_weights_name_the_ways_out(photos: Path, tmp_path: Path) -> None:
     proc = run(["heatmap", str(photos / "wide.jpg"), "-o", str(tmp_path / "x"), "-m", "test_vit"])
     assert proc.returncode == 3
@@ -214,6 +217,7 @@ def test_info_and_models() -> None:
     assert stdout == b""
 
 
+@pytest.mark.subprocess
 def test_no_inputs_with_a_terminal_prints_usage() -> None:
     import pty
 
@@ -234,6 +238,7 @@ def test_cli_default_model_is_the_library_default() -> None:
     assert cli.DEFAULT_MODEL == models.DEFAULT_MODEL  # kept in cli.py so that --help imports nothing heavy
 
 
+@pytest.mark.subprocess
 def test_stdin_list_with_stdin_closed_is_a_usage_error(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "vitattn", "heatmap", "-", "-o", str(tmp_path / "o"), *MODEL],
@@ -331,6 +336,7 @@ def test_cli_passes_typed_options_to_the_library(monkeypatch: pytest.MonkeyPatch
     assert received["stdin"] is None
 
 
+@pytest.mark.subprocess
 def test_usage_errors_are_one_line_without_panels() -> None:
     for args in (["heatmap", "x.jpg", "--method", "foo"], ["heatmap", "x.jpg", "--nope"]):
         proc = run(args)

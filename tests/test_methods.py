@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import METHOD_FAMILIES, tiny_model
 from PIL import Image
 from reference import recorded_attention
 from torch import nn
@@ -325,22 +326,9 @@ def test_gradients_are_paired_with_their_own_block() -> None:
 
 # -- whole models against the references -----------------------------------------------------------------
 
-SMALL = {"depth": 3}
-NARROW = {**SMALL, "embed_dim": 96, "num_heads": 3}
-FAMILIES: dict[str, dict[str, Any]] = {
-    "test_vit": {},
-    "test_vit_relpos": {},  # no prefix tokens
-    "deit_tiny_distilled_patch16_224": SMALL,  # cls, dist
-    "vit_small_patch14_reg4_dinov2": {**NARROW, "num_classes": 10},  # cls, 4 registers, 37x37
-    "vit_base_patch16_reg4_gap_256": NARROW,  # registers, no class token
-    "eva02_tiny_patch14_224": {**SMALL, "num_classes": 10},  # rotary embeddings
-}
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=METHOD_FAMILIES)
 def family(request: pytest.FixtureRequest) -> tuple[LoadedModel, torch.Tensor]:
-    torch.manual_seed(0)
-    loaded = load_model(request.param, pretrained=False, device="cpu", model_kwargs=FAMILIES[request.param])
+    loaded = tiny_model(request.param)
     big = loaded.grid[0] * loaded.grid[1] > 1000  # DINOv2's 37x37: one picture keeps the float64 reference quick
     x = torch.randn(1 if big else 2, 3, *loaded.input_size, generator=torch.Generator().manual_seed(1))
     return loaded, x

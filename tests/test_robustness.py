@@ -228,6 +228,8 @@ def many(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # -- 1, 2, 3, 5, 6, 8: a whole corpus folder, then the same paths as a -0 list ---------------------------
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_corpus_folder_run(corpus_dir: Corpus, tmp_path: Path) -> None:
     c = corpus_dir
     out = tmp_path / "out"
@@ -256,6 +258,8 @@ def test_corpus_folder_run(corpus_dir: Corpus, tmp_path: Path) -> None:
     assert meta["image_size"] == [20, 32]  # stored 32x20 with EXIF orientation 6: upright size
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_corpus_as_a_nul_separated_list(corpus_dir: Corpus, tmp_path: Path) -> None:
     c = corpus_dir
     names = sorted(n for n in [*c.good, *c.warned, *c.bad] if n != "secret")  # files only: the same paths
@@ -455,6 +459,8 @@ def signal_run(folder: Path, out: Path, sig: int) -> tuple[subprocess.CompletedP
     return subprocess.CompletedProcess(proc.args, proc.returncode, first + rest, stderr), reported
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(many: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc, reported = signal_run(many, out, signal.SIGINT)
@@ -474,6 +480,8 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(many: Path, tmp_path: Path) 
     assert len(complete_results(out)) == 40
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_sigterm_stops_cleanly(many: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc, reported = signal_run(many, out, signal.SIGTERM)
@@ -525,6 +533,8 @@ def test_transparency_gives_the_attention_of_the_white_composite(tmp_path: Path)
 # -- 8: names --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_json_records_and_dash_names_with_a_strict_encoding(tmp_path: Path) -> None:
     png = corpus.encode(corpus.rgb_picture(), "PNG")
     corpus.write(tmp_path, "-dash.jpg", png)
@@ -546,6 +556,8 @@ def test_json_records_and_dash_names_with_a_strict_encoding(tmp_path: Path) -> N
 # -- 9: bad options not covered by test_cli --------------------------------------------------------------
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_bad_outputs_devices_and_weights_are_one_line(tmp_path: Path) -> None:
     photo = str(noisy(tmp_path / "p.png"))
     afile = tmp_path / "afile"
@@ -581,6 +593,8 @@ def test_bad_outputs_devices_and_weights_are_one_line(tmp_path: Path) -> None:
 # -- 10: pipes -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_closed_pipes_end_quietly(many: Path, tmp_path: Path) -> None:
     vitattn = " ".join(
         [f"'{sys.executable}'", "-m", "vitattn", "heatmap", f"'{many}'", "--json", "--batch-size", "1", *MODEL]
