@@ -1,4 +1,4 @@
-"""Tests for vitattn.inputs: discovery (iter_inputs) and loading (load_image).
+"""Tests for vitattn.discovery (iter_inputs) and vitattn.decoding (load_image).
 
 Every file is generated in ``tmp_path`` by ``tests/corpus.py``.
 """
@@ -25,16 +25,9 @@ from PIL import Image, ImageCms
 sys.path.insert(0, os.path.dirname(__file__))
 import corpus
 
+from vitattn.decoding import ALLOWED_FORMATS, BACKGROUND, DEFAULT_MAX_PIXELS, load_image
+from vitattn.discovery import IMAGE_EXTENSIONS, InputItem, iter_inputs
 from vitattn.errors import InputError, Reason
-from vitattn.inputs import (
-    ALLOWED_FORMATS,
-    BACKGROUND,
-    DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
-    InputItem,
-    iter_inputs,
-    load_image,
-)
 
 _NO_DAC_ENV = "VITATTN_TEST_WITHOUT_DAC_OVERRIDE"
 _DAC_CAPS = "-dac_override,-dac_read_search"
@@ -366,6 +359,7 @@ def test_unreadable_subfolder_is_reported(tmp_path: Path, monkeypatch: pytest.Mo
     assert reasons(items(str(tmp_path / "secret"))) == {"secret": Reason.PERMISSION}
 
 
+@pytest.mark.subprocess
 def test_unreadable_subfolder_for_real(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if ran_without_dac_override(request, tmp_path):
         return
@@ -377,6 +371,7 @@ def test_unreadable_subfolder_for_real(tmp_path: Path, request: pytest.FixtureRe
         (tmp_path / "secret").chmod(0o755)
 
 
+@pytest.mark.subprocess
 def test_unreadable_file(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if ran_without_dac_override(request, tmp_path):
         return

@@ -47,7 +47,7 @@ from vitattn.maps import (
 from vitattn.methods import GradRolloutReducer, RolloutReducer
 from vitattn.models import LoadedModel, TokenLayout, load_model
 from vitattn.options import AttentionOptions
-from vitattn.render import mask_overlay
+from vitattn.overlays import mask_overlay
 
 CLS = TokenLayout(roles=("cls",), patch_size=(16, 16))
 

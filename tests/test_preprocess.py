@@ -14,7 +14,7 @@ from timm.data import create_transform
 from typer.testing import CliRunner
 
 from vitattn.cli import app
-from vitattn.inputs import load_image
+from vitattn.decoding import load_image
 from vitattn.preprocess import crop_box, photo_tensor, tensor_transform
 
 CONFIGS = [

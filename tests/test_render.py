@@ -1,4 +1,4 @@
-"""Tests for vitattn.render: colour tables, scaling, overlays, grids, image writes (fast, offline)."""
+"""Tests for the drawing modules: colour tables and scaling (colors), overlays, grids, image writes (fast)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vitattn.colors import colorize, colormap_lut, scale_maps
 from vitattn.errors import ExitCode, UsageError
-from vitattn.render import (
-    DEFAULT_CMAP,
-    colorize,
-    colormap_lut,
-    labelled_grid,
-    overlay,
-    overlay_many,
-    save_image,
-    scale_maps,
-)
+from vitattn.grids import labelled_grid
+from vitattn.imagefiles import save_image
+from vitattn.options import RenderOptions
+from vitattn.overlays import overlay, overlay_many
+
+DEFAULT_CMAP = RenderOptions.cmap
 
 GREY = (128, 128, 128)
 
@@ -45,8 +42,12 @@ def _gradient_photo(width: int, height: int) -> Image.Image:
 # ---------------------------------------------------------------------------- colour tables
 
 
+@pytest.mark.subprocess
 def test_import_is_light() -> None:
-    code = "import sys, vitattn.render; assert not {'matplotlib', 'torch'} & set(sys.modules)"
+    code = (
+        "import sys, vitattn.colors, vitattn.overlays, vitattn.grids, vitattn.imagefiles; "
+        "assert not {'matplotlib', 'torch'} & set(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -440,7 +441,7 @@ def test_save_image_unknown_format(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (340, 512), (513, 2)])
 def test_encode_png_round_trips_exactly(shape: tuple[int, int], tmp_path: Path) -> None:
-    from vitattn.render import encode_png
+    from vitattn.imagefiles import encode_png
 
     rng = np.random.default_rng(sum(shape))
     rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)

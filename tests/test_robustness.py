@@ -294,13 +294,13 @@ def test_corpus_as_a_nul_separated_list(corpus_dir: Corpus, tmp_path: Path) -> N
 
 
 def test_each_stage_failure_is_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vitattn.imagefiles
     import vitattn.job
-    import vitattn.render
 
     photos = [noisy(tmp_path / f"{n}.png", size=(40 + i, 30)) for i, n in enumerate("abcde")]
     real_forward, real_save, real_crop = (
         vitattn.job.forward_batch,
-        vitattn.render.save_image,
+        vitattn.imagefiles.save_image,
         vitattn.job.crop_box,
     )
     calls = []
@@ -322,7 +322,7 @@ def test_each_stage_failure_is_isolated(tmp_path: Path, monkeypatch: pytest.Monk
         return real_crop(transform, size)
 
     monkeypatch.setattr(vitattn.job, "forward_batch", forward)
-    monkeypatch.setattr(vitattn.render, "save_image", save)
+    monkeypatch.setattr(vitattn.imagefiles, "save_image", save)
     monkeypatch.setattr(vitattn.job, "crop_box", crop)
     out = tmp_path / "out"
     code, stdout, stderr = invoke([*map(str, photos), "-o", str(out), *MODEL, "--batch-size", "1"])

@@ -13,6 +13,8 @@ from vitattn._version import __version__ as __version__
 if TYPE_CHECKING:
     from vitattn.attention import BlockMaps, ImageAttention, Prediction
     from vitattn.capture import AttentionCapture
+    from vitattn.colors import colormap_lut, scale_maps
+    from vitattn.decoding import LoadedImage, load_image
     from vitattn.errors import (
         CaptureError,
         InputError,
@@ -24,8 +26,8 @@ if TYPE_CHECKING:
         WeightsUnavailableError,
     )
     from vitattn.explainer import explain
+    from vitattn.grids import labelled_grid
     from vitattn.heatmap import HeatmapRun, start_heatmap
-    from vitattn.inputs import LoadedImage, load_image
     from vitattn.job import Outcome
     from vitattn.maps import attention_rollout, grad_rollout, mass_mask
     from vitattn.models import LoadedModel, TokenLayout, describe, load_model, supported_models, wrap_model
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
         RenderOptions,
         RunOptions,
     )
-    from vitattn.render import colormap_lut, labelled_grid, mask_overlay, overlay, scale_maps
+    from vitattn.overlays import mask_overlay, overlay
 
 _EXPORTS = {
     "AttentionCapture": "vitattn.capture",
@@ -57,7 +59,7 @@ _EXPORTS = {
     "ImageFormat": "vitattn.options",
     "InputError": "vitattn.errors",
     "InputOptions": "vitattn.options",
-    "LoadedImage": "vitattn.inputs",
+    "LoadedImage": "vitattn.decoding",
     "LoadedModel": "vitattn.models",
     "Method": "vitattn.options",
     "ModelError": "vitattn.errors",
@@ -76,17 +78,17 @@ _EXPORTS = {
     "VitattnError": "vitattn.errors",
     "WeightsUnavailableError": "vitattn.errors",
     "attention_rollout": "vitattn.maps",
-    "colormap_lut": "vitattn.render",
+    "colormap_lut": "vitattn.colors",
     "describe": "vitattn.models",
     "explain": "vitattn.explainer",
     "grad_rollout": "vitattn.maps",
-    "labelled_grid": "vitattn.render",
-    "load_image": "vitattn.inputs",
+    "labelled_grid": "vitattn.grids",
+    "load_image": "vitattn.decoding",
     "load_model": "vitattn.models",
-    "mask_overlay": "vitattn.render",
+    "mask_overlay": "vitattn.overlays",
     "mass_mask": "vitattn.maps",
-    "overlay": "vitattn.render",
-    "scale_maps": "vitattn.render",
+    "overlay": "vitattn.overlays",
+    "scale_maps": "vitattn.colors",
     "start_heatmap": "vitattn.heatmap",
     "supported_models": "vitattn.models",
     "wrap_model": "vitattn.models",

@@ -175,7 +175,8 @@ class ImageAttention:
             alpha: heat opacity.
             max_side: long side of the picture drawn, in pixels (0: the photo's own size).
         """
-        from vitattn.render import colormap_lut, overlay, scale_maps
+        from vitattn.colors import colormap_lut, scale_maps
+        from vitattn.overlays import overlay
 
         picture = photo if photo is not None else self.photo
         if picture is None:

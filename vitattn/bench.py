@@ -214,8 +214,8 @@ class Bench:
         import numpy as np
         from PIL import Image
 
+        from vitattn.colors import scale_maps
         from vitattn.explainer import explain
-        from vitattn.render import scale_maps
 
         images = []
         for p in self.photos[:8]:

@@ -6,7 +6,9 @@ library users catch :class:`VitattnError`.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 
 class ExitCode:
@@ -108,3 +110,34 @@ def display_path(path: str | os.PathLike[str]) -> str:
     """A path as text that can always be printed: undecodable bytes become ``\\xNN`` escapes."""
     raw = os.fsencode(path)
     return raw.decode("utf-8", errors="backslashreplace")
+
+
+def os_reason(exc: OSError, default: str) -> tuple[str, str | None]:
+    """The closest :class:`Reason` (and a detail when the reason alone says too little)."""
+    known = {
+        errno.ENOENT: Reason.NO_SUCH_FILE,
+        errno.ENOTDIR: Reason.NO_SUCH_FILE,
+        errno.ELOOP: Reason.SYMLINK_LOOP,
+        errno.EACCES: Reason.PERMISSION,
+        errno.EPERM: Reason.PERMISSION,
+        errno.EISDIR: Reason.IS_DIRECTORY,
+    }
+    if exc.errno in known:
+        return known[exc.errno], None
+    return default, exc.strerror or type(exc).__name__
+
+
+def nul_error(path: str) -> InputError:
+    return InputError(path, Reason.NO_SUCH_FILE, "the name contains a NUL byte")
+
+
+def not_regular(path: str, mode: int) -> InputError:
+    if stat.S_ISFIFO(mode):
+        kind = "a FIFO"
+    elif stat.S_ISSOCK(mode):
+        kind = "a socket"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = "a device"
+    else:
+        kind = None
+    return InputError(path, Reason.NOT_REGULAR, kind)

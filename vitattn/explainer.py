@@ -154,7 +154,7 @@ def _picture(item: One) -> Image.Image:
 
     if isinstance(item, Image.Image):
         return item.convert("RGB") if item.mode != "RGB" else item
-    from vitattn.inputs import load_image
+    from vitattn.decoding import load_image
 
     return load_image(os.fspath(item)).image
 

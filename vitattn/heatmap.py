@@ -45,7 +45,7 @@ class HeatmapRun:
         Raises:
             OutputError: the output folder cannot be written (fatal for the run).
         """
-        from vitattn.inputs import iter_inputs
+        from vitattn.discovery import iter_inputs
         from vitattn.scheduler import Scheduler
 
         out = self.job.render.out

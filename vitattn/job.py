@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from vitattn.attention import BlockMaps, ImageAttention, Settings, capturing, forward_batch
 from vitattn.capture import AttentionCapture
+from vitattn.decoding import load_image
+from vitattn.discovery import InputItem
 from vitattn.errors import CaptureError, InputError, Reason, VitattnError
-from vitattn.inputs import InputItem, load_image
 from vitattn.maps import mass_mask
 from vitattn.models import LoadedModel, describe
 from vitattn.options import DEFAULT_MAX_PIXELS, Method, RenderOptions, RunOptions
@@ -85,7 +86,7 @@ class HeatmapJob:
     def __init__(
         self, loaded: LoadedModel, settings: Settings, render: RenderOptions, run: RunOptions | None = None
     ) -> None:
-        from vitattn.render import colormap_lut
+        from vitattn.colors import colormap_lut
 
         self.loaded = loaded
         self.settings = settings
@@ -252,7 +253,9 @@ class HeatmapJob:
         """
         import numpy as np
 
-        from vitattn.render import GRID_TILE_SIDE, labelled_grid, mask_overlay, overlay_many, scale_maps
+        from vitattn.colors import scale_maps
+        from vitattn.grids import GRID_TILE_SIDE, labelled_grid
+        from vitattn.overlays import mask_overlay, overlay_many
 
         r = self.render
         ext, folder, b = r.format.value, prep.folder, bm.block
@@ -375,7 +378,7 @@ def shrink(photo: Image.Image, box: Box, max_side: int, pixels: torch.Tensor | N
 
 
 def save_picture(image: Image.Image, path: Path, ext: str) -> None:
-    from vitattn.render import save_image
+    from vitattn.imagefiles import save_image
 
     atomic_write(path, lambda tmp: save_image(image, tmp, format=ext))
 

@@ -15,7 +15,7 @@ from vitattn.outputs import META, fused_name, grid_name, head_name, mask_name, m
 
 if TYPE_CHECKING:
     from vitattn.attention import ImageAttention, Prediction, Settings
-    from vitattn.inputs import InputItem
+    from vitattn.discovery import InputItem
     from vitattn.models import LoadedModel
 
 

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from vitattn.attention import ImageAttention
 from vitattn.capture import AttentionCapture
-from vitattn.inputs import InputItem
+from vitattn.discovery import InputItem
 from vitattn.job import HeatmapJob, Outcome, Prepared
 from vitattn.options import RunOptions
 
