@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: install
-	$(VENV)/bin/ruff check vitattn tests
+	$(VENV)/bin/ruff check vitattn tests tools
 	$(VENV)/bin/mypy
 
 test: lint
@@ -25,10 +25,10 @@ demo: install
 	$(PY) -m vitattn.demo.run vitattn-out/demo
 
 bench: install
-	$(PY) -m vitattn.bench
+	$(PY) -m tools.bench
 
 clean:
 	rm -rf vitattn-out .pytest_cache .mypy_cache .ruff_cache
 
 demo-model: install
-	$(PY) -m vitattn.demo.train --out vitattn/demo/shapes_vit
+	$(PY) -m tools.train_demo --out vitattn/demo/shapes_vit

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vitattn.bench import _paired, _rounds, _spread
+from tools.bench import _paired, _rounds, _spread
 
 
 def test_rounds_rotate_the_order_and_keep_values_per_configuration() -> None:

@@ -6,7 +6,7 @@ background. The label is the object's *shape*, so a correct prediction requires 
 and its pixel box is known: the model's attention can be checked against ground truth.
 
 Load it offline with ``timm.create_model(f"local-dir:{DEMO_MODEL_DIR}", pretrained=True)``; generate
-pictures with :func:`vitattn.demo.synthetic.make_picture`; retrain with ``python -m vitattn.demo.train``.
+pictures with :func:`vitattn.demo.synthetic.make_picture`; retrain with ``python -m tools.train_demo``.
 """
 
 from __future__ import annotations

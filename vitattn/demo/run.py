@@ -1,6 +1,8 @@
 """``make demo``: the default model on the sample photos, or, offline, the bundled model on the demo pictures.
 
-Usage: ``python -m vitattn.demo.run [OUT]`` (default ``vitattn-out/demo``).
+Usage: ``python -m vitattn.demo.run [OUT]`` (default ``vitattn-out/demo``). In a checkout the repository's
+``sample_images/`` are used; where vitattn is installed without them, the demo pictures are generated into
+``OUT/pictures`` (the same pictures: they are made from fixed seeds) and the offline path is taken.
 """
 
 from __future__ import annotations
@@ -9,26 +11,36 @@ import sys
 from pathlib import Path
 
 from vitattn.cli import main as cli_main
+from vitattn.demo import DEMO_MODEL_DIR
 from vitattn.models import pretrained_unavailable
 from vitattn.options import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS = REPO / "sample_images" / "photos"
 PICTURES = REPO / "sample_images" / "synthetic"
-BUNDLED = Path(__file__).resolve().parent / "shapes_vit"
+
+
+def demo_pictures(out: Path) -> Path:
+    """The folder of demo pictures: the repository's, or generated under ``out`` when they are not at hand."""
+    if PICTURES.is_dir() and any(PICTURES.glob("*.png")):
+        return PICTURES
+    from vitattn.demo.synthetic import SAMPLE_COUNT, SAMPLE_SCALE, save_samples
+
+    folder = out / "pictures"
+    save_samples(folder, SAMPLE_COUNT, SAMPLE_SCALE)
+    return folder
 
 
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "vitattn-out/demo")
     reason = pretrained_unavailable(DEFAULT_MODEL)
-    if reason is None:
+    if reason is None and PHOTOS.is_dir():
         args = ["heatmap", str(PHOTOS), "-o", str(out / "photos")]
     else:
-        sys.stderr.write(
-            f"vitattn demo: the weights of {DEFAULT_MODEL} cannot be fetched ({reason}); "
-            f"running the bundled shapes model on the demo pictures instead\n"
-        )
-        args = ["heatmap", str(PICTURES), "-m", f"local-dir:{BUNDLED}", "-o", str(out / "synthetic"), "--npy"]
+        why = f"the weights of {DEFAULT_MODEL} cannot be fetched ({reason})" if reason else "no sample photos here"
+        sys.stderr.write(f"vitattn demo: {why}; running the bundled shapes model on the demo pictures instead\n")
+        pictures = demo_pictures(out)
+        args = ["heatmap", str(pictures), "-m", f"local-dir:{DEMO_MODEL_DIR}", "-o", str(out / "synthetic"), "--npy"]
     sys.argv = ["vitattn", *args]
     cli_main()
 

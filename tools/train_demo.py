@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m vitattn.demo.train [--out DIR] [--seed N] [--minutes M]
+    python -m tools.train_demo [--out DIR] [--seed N] [--minutes M]
 
 Trained from scratch to tell an object's *shape*, a small ViT stays at chance for a long time: it first
 has to learn where the object is. Telling the object's *colour* is learned quickly and teaches exactly
@@ -466,7 +466,7 @@ def save_model(vit: nn.Module, out: Path, training: dict[str, Any]) -> None:
         "label_names": list(CLASS_NAMES),
         "training": {
             "generator": "vitattn.demo.synthetic",
-            "command": "python -m vitattn.demo.train",
+            "command": "python -m tools.train_demo",
             **training,
         },
     }
@@ -488,7 +488,7 @@ def reload_accuracy(folder: Path, images: npt.NDArray[np.uint8], labels: npt.NDA
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(prog="python -m vitattn.demo.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.train_demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR, help="model folder to write")
     parser.add_argument("--seed", type=int, default=0, help="training run seed (0-999)")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="wall-clock budget")

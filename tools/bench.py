@@ -1,6 +1,6 @@
 """``make bench``: vitattn's throughput, memory and latency against baselines measured in the same run.
 
-Usage: ``python -m vitattn.bench [--images N] [--rounds R] [--device cpu|cuda] [--quick]``
+Usage: ``python -m tools.bench [--images N] [--rounds R] [--device cpu|cuda] [--quick]``
 
 Every figure is a median over alternating rounds (the configurations take turns, in rotating order, so
 background load hits them alike), and each is printed as a ratio against its baseline: the ratio of the
@@ -254,7 +254,7 @@ def _rounds(funcs: dict[str, Callable[[], float]], rounds: int) -> dict[str, lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitattn.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=48, help="photos per throughput measurement")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians are reported)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

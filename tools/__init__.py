@@ -1,0 +1,1 @@
+"""Tools of the repository (benchmark, demo-model training); not part of the installed package."""
