@@ -343,3 +343,15 @@ def test_usage_errors_are_one_line_without_panels() -> None:
         err = proc.stderr.decode()
         assert proc.returncode == 2 and err.count("\n") == 1 and err.startswith("vitattn: error: "), err
         assert "╭" not in err
+
+
+def test_resume_redoes_a_result_with_a_missing_file(photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    args = ["heatmap", str(photos / "wide.jpg"), "-o", str(out), *MODEL, "--top-k", "0"]
+    assert invoke(args)[0] == 0
+    gone = out / "wide.jpg" / "block5_head1.png"
+    gone.unlink()
+    code, _, stderr = invoke(args)
+    assert code == 0 and "processed 1, skipped 0" in stderr and gone.is_file()
+    code, _, stderr = invoke(args)
+    assert code == 0 and "processed 0, skipped 1" in stderr

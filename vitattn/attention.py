@@ -14,7 +14,7 @@ from vitattn.capture import AttentionCapture
 from vitattn.errors import CaptureError, UsageError
 from vitattn.maps import check_query, patch_grid, query_rows
 from vitattn.methods import METHODS, GradRolloutReducer, MethodReducer
-from vitattn.options import AttentionOptions, HeadFusion, Method, Precision, Query
+from vitattn.options import AttentionOptions, HeadFusion, Method, Precision, Query, RenderOptions
 from vitattn.preprocess import Box
 
 if TYPE_CHECKING:
@@ -160,9 +160,9 @@ class ImageAttention:
         *,
         block: int = -1,
         head: int | HeadFusion | str = HeadFusion.mean,
-        cmap: str = "inferno",
-        alpha: float = 0.6,
-        max_side: int = 512,
+        cmap: str = RenderOptions.cmap,
+        alpha: float = RenderOptions.alpha,
+        max_side: int = RenderOptions.max_side,
     ) -> Image.Image:
         """One map drawn over the picture, the model's crop box mapped onto it.
 

@@ -16,6 +16,7 @@ from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from vitattn.colors import check_lut
 from vitattn.errors import UsageError
+from vitattn.options import RenderOptions
 
 
 @functools.lru_cache(maxsize=8)
@@ -146,8 +147,8 @@ def overlay_many(
     *,
     crop_box: tuple[float, float, float, float],
     lut: np.ndarray,
-    alpha: float = 0.6,
-    max_side: int = 512,
+    alpha: float = RenderOptions.alpha,
+    max_side: int = RenderOptions.max_side,
     dim: float = 0.45,
 ) -> list[Image.Image]:
     """:func:`overlay` for several heat maps of one photo, resizing and dimming the photo once.
@@ -219,8 +220,8 @@ def overlay(
     *,
     crop_box: tuple[float, float, float, float],
     lut: np.ndarray,
-    alpha: float = 0.6,
-    max_side: int = 512,
+    alpha: float = RenderOptions.alpha,
+    max_side: int = RenderOptions.max_side,
     dim: float = 0.45,
 ) -> Image.Image:
     """Blend a heat map onto the part of a photo the model saw; dim the rest.
@@ -267,7 +268,7 @@ def mask_overlay(
     *,
     crop_box: tuple[float, float, float, float],
     color: tuple[int, int, int] = (255, 215, 0),
-    max_side: int = 512,
+    max_side: int = RenderOptions.max_side,
     dim: float = 0.45,
     shade: float = 0.6,
     line: int = 0,
