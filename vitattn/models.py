@@ -374,26 +374,13 @@ def load_model(
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(RANDOM_WEIGHTS_SEED)  # random weights: the same command gives the same maps
         model = _create(source_spec, pretrained=use_pretrained, **(model_kwargs or {}))
-    layout = token_layout(model, spec)
+    token_layout(model, spec)  # refuse an unsupported model before reading any weights into it
     if weights is not None:
         load_weights(model, weights)
         source = os.fspath(weights)
     else:
         source = "pretrained" if use_pretrained else "random"
-    from timm.data import resolve_model_data_config
-
-    model.eval().to(dev)
-    labels, imagenet = _labels(model)
-    return LoadedModel(
-        model=model,
-        spec=spec,
-        weights=source,
-        layout=layout,
-        data_config=dict(resolve_model_data_config(model)),
-        device=dev,
-        labels=labels,
-        imagenet_head=imagenet,
-    )
+    return wrap_model(model.eval().to(dev), spec=spec, weights=source)
 
 
 def resolve_spec(spec: str) -> str:
