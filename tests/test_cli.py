@@ -311,7 +311,7 @@ def test_cli_passes_typed_options_to_the_library(monkeypatch: pytest.MonkeyPatch
         return types.SimpleNamespace(loaded=loaded, outcomes=lambda: (o for o in ()))
 
     monkeypatch.setattr(heatmap, "start_heatmap", fake_start)
-    args = ["heatmap", "a.jpg", "dir", "-r", "-m", "test_vit", "-b", "3,-1", "-b", "2", "--heads", "0,1"]
+    args = ["heatmap", "a.jpg", "dir", "-r", "-m", "test_vit", "-b", "3,-1", "-b", "2"]
     args += ["--query", "patch:1,2", "--method", "ROLLOUT", "--fuse", "max", "--discard-ratio", "0.25"]
     args += ["--format", "jpg", "--precision", "bf16", "--cmap", "viridis", "--alpha", "0.3", "--max-side", "0"]
     args += ["-o", str(tmp_path / "o"), "--batch-size", "4", "--top-k", "0", "--max-pixels", "0", "--threshold", "0.5"]
@@ -322,7 +322,6 @@ def test_cli_passes_typed_options_to_the_library(monkeypatch: pytest.MonkeyPatch
     assert received["attention"] == AttentionOptions(
         blocks=(3, -1, 2),
         query=Query(QueryKind.patch, 1, 2),
-        heads=(0, 1),
         method=Method.rollout,
         fuse=HeadFusion.max,
         discard_ratio=0.25,
@@ -355,3 +354,27 @@ def test_resume_redoes_a_result_with_a_missing_file(photos: Path, tmp_path: Path
     assert code == 0 and "processed 1, skipped 0" in stderr and gone.is_file()
     code, _, stderr = invoke(args)
     assert code == 0 and "processed 0, skipped 1" in stderr
+
+
+def test_heads_with_rollout_are_refused_and_random_weights_record_their_seed(photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "h"
+    base = ["heatmap", str(photos / "wide.jpg"), "-o", str(out), *MODEL, "--top-k", "0"]
+    code, _, stderr = invoke([*base, "--method", "rollout", "--heads", "0"])
+    assert code == 2 and "--heads: choosing heads applies to raw maps only" in stderr and not out.exists()
+    code, stdout, stderr = invoke([*base, "--json"])
+    assert code == 0, stderr
+    meta = json.loads(Path(json.loads(stdout)["files"]["meta"]).read_text())
+    assert meta["settings"]["weights"] == "random" and meta["settings"]["seed"] == 0
+
+
+def test_models_pattern_is_case_insensitive() -> None:
+    code, stdout, _ = invoke(["models", "*DINOV2*"])
+    names = stdout.decode().split()
+    assert code == 0 and names and all("dinov2" in n for n in names)
+
+
+def test_control_characters_in_error_lines_are_escaped(tmp_path: Path) -> None:
+    name = str(tmp_path / "evil\x1b[2Jname\rx.jpg")
+    code, _, stderr = invoke(["heatmap", name, "-o", str(tmp_path / "o"), *MODEL])
+    assert code == 1 and "\x1b" not in stderr and "\r" not in stderr.replace("\r\n", "\n")
+    assert "evil\\x1b[2Jname\\rx.jpg: no such file" in stderr

@@ -79,7 +79,7 @@ class _Group(TyperGroup):
                     show()
             else:
                 hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-                _err(_escape(exc.format_message().replace("Value error, ", "")) + hint)
+                _err(exc.format_message().replace("Value error, ", "") + hint)
             rv = exc.exit_code
         except typer.Abort:
             _err("interrupted")
@@ -125,7 +125,7 @@ def _root(
 
 
 def _err(message: str, kind: str = "error") -> None:
-    _to_stderr(f"vitattn: {kind}: {message}\n")
+    _to_stderr(f"vitattn: {kind}: {_escape(message)}\n")
 
 
 def _to_stderr(text: str) -> None:

@@ -290,6 +290,8 @@ class HeatmapJob:
                 save_picture(picture, folder / name, ext)
                 written.append(name)
         title = f"{short_spec(self.loaded.spec)} · block {b} · {_method_title(att)}query {att.query}"
+        if self.loaded.weights == "random":
+            title = f"RANDOM WEIGHTS · {title}"
         if att.top:
             title += f" · top: {att.top[0].label} ({att.top[0].prob:.1%})"
         # Grid tiles: the written overlays halved (or quartered...) by pixel averaging when max_side is a

@@ -449,7 +449,7 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
 
 
 def supported_models(pattern: str = "") -> list[str]:
-    """timm model names (optionally matching a wildcard ``pattern``) that vitattn can handle.
+    """timm model names (optionally matching a wildcard ``pattern``, in any case) that vitattn can handle.
 
     Decided without building each model: the families built on timm's ViT-style classes, less the variants
     whose blocks run attention inside a fused parallel block (no ``block.attn``), which
@@ -461,7 +461,7 @@ def supported_models(pattern: str = "") -> list[str]:
 
     names: list[str] = []
     for module in _SUPPORTED_MODULES:
-        names.extend(timm.list_models(pattern or "*", module=module))
+        names.extend(timm.list_models(pattern.lower() or "*", module=module))  # timm's names are lower case
     return sorted(n for n in set(names) if not any(fnmatch.fnmatch(n, x) for x in _PARALLEL_BLOCK_MODELS))
 
 

@@ -211,6 +211,11 @@ class AttentionOptions:
                 )
             if self.target_class < 0:
                 raise UsageError(f"target class {self.target_class}: a class index is 0 or more", option="target_class")
+        if self.heads is not None and method is not Method.raw:
+            raise UsageError(
+                f"choosing heads applies to raw maps only: {method.value} fuses every head of every block",
+                option="heads",
+            )
         if self.top_k is not None and self.top_k < 0:
             raise UsageError(f"top-k {self.top_k}: must be 0 or more", option="top_k")
 

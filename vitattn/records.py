@@ -84,6 +84,10 @@ def settings_record(loaded: LoadedModel, settings: Settings, render: RenderOptio
         "format": render.format.value,
         "fuse": settings.fuse.value,
     }
+    if loaded.weights == "random":
+        from vitattn.models import RANDOM_WEIGHTS_SEED
+
+        record["seed"] = RANDOM_WEIGHTS_SEED  # random weights are seeded: the seed decides the maps
     if settings.method is not Method.raw:
         record["method"] = settings.method.value
     if settings.discard_ratio:
