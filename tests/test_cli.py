@@ -378,3 +378,18 @@ def test_control_characters_in_error_lines_are_escaped(tmp_path: Path) -> None:
     code, _, stderr = invoke(["heatmap", name, "-o", str(tmp_path / "o"), *MODEL])
     assert code == 1 and "\x1b" not in stderr and "\r" not in stderr.replace("\r\n", "\n")
     assert "evil\\x1b[2Jname\\rx.jpg: no such file" in stderr
+
+
+@pytest.mark.subprocess
+def test_offline_hub_specs_fail_fast_in_one_line(tmp_path: Path) -> None:
+    import time
+
+    spec = "hf-hub:timm/vit_tiny_patch16_224"
+    for args in (["info", spec], ["heatmap", "x.jpg", "-m", spec, "--no-pretrained", "-o", str(tmp_path)]):
+        start = time.monotonic()
+        proc = run(args)
+        took = time.monotonic() - start
+        err = proc.stderr.decode()
+        assert proc.returncode == 3 and err.count("\n") == 1, err
+        assert f"cannot load {spec}: its config and weights come from the Hugging Face hub" in err
+        assert took < 30  # an upper bound: the imports alone take a few seconds here; hub retries took ~30 s

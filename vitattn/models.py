@@ -257,6 +257,15 @@ def _is_cached(spec: str) -> bool:
         return False
 
 
+def _hub_file_cached(repo_id: str, filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:  # an invalid repo id, for one: not cached
+        return False
+
+
 def pretrained_unavailable(spec: str) -> str | None:
     """Why the pretrained weights of ``spec`` cannot be fetched now, or None when they can (or are cached).
 
@@ -278,15 +287,23 @@ def _create(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
             raise ModelError(
                 f"{spec}: no config.json in {folder} (a local-dir: model is a folder with config.json and weights)"
             )
+    if spec.startswith("hf-hub:") and not _hub_file_cached(spec.removeprefix("hf-hub:"), "config.json"):
+        reason = _hub_unreachable()  # the config comes from the hub too, random weights or not
+        if reason:
+            raise ModelError(
+                f"cannot load {spec}: its config and weights come from the Hugging Face hub ({reason}); "
+                "use a local-dir: folder with a downloaded copy"
+            )
     reason = pretrained_unavailable(spec) if pretrained else None
     if reason:
         raise _weights_unavailable(spec, reason)
     try:
         model: nn.Module = timm.create_model(spec, pretrained=pretrained, **kwargs)
     except (OSError, ConnectionError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         if pretrained and not spec.startswith("local-dir:"):
-            raise _weights_unavailable(spec, str(exc).splitlines()[0][:200]) from exc
-        raise ModelError(f"cannot load {spec}: {exc}") from exc
+            raise _weights_unavailable(spec, first) from exc
+        raise ModelError(f"cannot load {spec}: {first}") from exc
     except RuntimeError as exc:
         raise ModelError(f"cannot create {spec}: {str(exc).splitlines()[0]}") from exc
     return model
