@@ -393,3 +393,12 @@ def test_offline_hub_specs_fail_fast_in_one_line(tmp_path: Path) -> None:
         assert proc.returncode == 3 and err.count("\n") == 1, err
         assert f"cannot load {spec}: its config and weights come from the Hugging Face hub" in err
         assert took < 30  # an upper bound: the imports alone take a few seconds here; hub retries took ~30 s
+
+
+def test_debug_shows_the_traceback_of_a_failed_input(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"GIF89a")
+    for debug, shown in (([], False), (["--debug"], True)):
+        code, _, stderr = invoke(["heatmap", str(bad), "-o", str(tmp_path / "o"), *MODEL, *debug])
+        assert code == 1 and f"{bad}: corrupt data" in stderr
+        assert ("Traceback (most recent call last)" in stderr) is shown, stderr

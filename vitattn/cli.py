@@ -218,7 +218,7 @@ def _emit(line: str) -> None:
     sys.stdout.buffer.flush()
 
 
-def _report(outcome: Outcome, *, as_json: bool, progress: _Progress) -> None:
+def _report(outcome: Outcome, *, as_json: bool, progress: _Progress, debug: bool = False) -> None:
     from vitattn.outputs import json_line
 
     progress.clear()
@@ -226,6 +226,12 @@ def _report(outcome: Outcome, *, as_json: bool, progress: _Progress) -> None:
         _err(f"{display_path(outcome.item.path)}: {warning}", "warning")
     if outcome.error is not None:
         _err(str(outcome.error))
+        if debug:  # the traceback behind a per-input failure, when there is one
+            import traceback
+
+            cause = outcome.error.__cause__ or outcome.error
+            if cause.__traceback__ is not None:
+                _to_stderr("".join(traceback.format_exception(cause)))
     if as_json:
         _emit(json_line(outcome.record))
     elif outcome.folder is not None and outcome.status in ("ok", "skipped"):
@@ -400,6 +406,7 @@ def heatmap(
             progress,
             stdin=stdin,
             as_json=as_json,
+            debug=debug,
             inputs=InputOptions(tuple(inputs), recursive=recursive, null_separated=null),
             model=ModelOptions(model, weights=weights, pretrained=not no_pretrained, device=device),
             attention=AttentionOptions(
@@ -444,6 +451,7 @@ def _heatmap(
     run: RunOptions,
     stdin: BinaryIO | None,
     as_json: bool,
+    debug: bool,
 ) -> int:
     from vitattn.heatmap import start_heatmap
 
@@ -453,7 +461,7 @@ def _heatmap(
     progress.started = True
     with contextlib.closing(started.outcomes()) as outcomes:  # closing drains the write workers, also on errors
         for outcome in outcomes:
-            _report(outcome, as_json=as_json, progress=progress)
+            _report(outcome, as_json=as_json, progress=progress, debug=debug)
     return ExitCode.INPUT_FAILED if progress.counts["error"] else ExitCode.OK
 
 

@@ -151,12 +151,12 @@ class HeatmapJob:
         except InputError as err:
             return self._error(item, err, base)
         except OSError as exc:  # e.g. the file vanished between discovery and load
-            return self._error(item, InputError(item.path, Reason.NO_SUCH_FILE, exc.strerror), base)
+            return self._error(item, _caused(InputError(item.path, Reason.NO_SUCH_FILE, exc.strerror), exc), base)
         except (VitattnError, MemoryError):
             raise
         except Exception as exc:  # the model's transform failed on this one picture
             detail = f"preprocessing: {exc_line(exc)}"
-            return self._error(item, InputError(item.path, Reason.INFERENCE, detail), base)
+            return self._error(item, _caused(InputError(item.path, Reason.INFERENCE, detail), exc), base)
         return Prepared(
             item=item,
             folder=folder,
@@ -201,7 +201,8 @@ class HeatmapJob:
             raise
         except Exception as exc:
             return [
-                self._error(p.item, InputError(p.item.path, Reason.INFERENCE, exc_line(exc))) for p in batch
+                self._error(p.item, _caused(InputError(p.item.path, Reason.INFERENCE, exc_line(exc)), exc))
+                for p in batch
             ]
 
     # -- step 3: one input's result -> files -----------------------------------------------------
@@ -237,7 +238,7 @@ class HeatmapJob:
             if isinstance(exc, (VitattnError, MemoryError)) or not isinstance(exc, Exception):
                 raise
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc_line(exc)
-            return self._error(prep.item, InputError(prep.item.path, Reason.WRITE, detail), base)
+            return self._error(prep.item, _caused(InputError(prep.item.path, Reason.WRITE, detail), exc), base)
         if old:
             remove_files(folder, set(old) - set(written) - {META})
         record = {**base, **record_rest(folder, self.files, self.settings.method, meta)}
@@ -383,6 +384,12 @@ def save_picture(image: Image.Image, path: Path, ext: str) -> None:
     from vitattn.imagefiles import save_image
 
     atomic_write(path, lambda tmp: save_image(image, tmp, format=ext))
+
+
+def _caused(err: InputError, exc: BaseException) -> InputError:
+    """The input's error with the exception behind it attached (``--debug`` shows its traceback)."""
+    err.__cause__ = exc
+    return err
 
 
 def exc_line(exc: BaseException) -> str:
