@@ -578,3 +578,17 @@ def test_cli_bad_values_are_one_line(photo: Path, tmp_path: Path, args: list[str
     assert code == 2, err
     assert rec is None and message in err and "Traceback" not in err
     assert err.count("vitattn: error:") == 1 and not out.exists()
+
+
+def test_head_stats_entropy_is_normalised_to_one() -> None:
+    from vitattn.attention import BlockMaps, ImageAttention
+    from vitattn.options import Query
+    from vitattn.records import head_stats
+
+    one_hot = np.zeros((3, 4), np.float32)
+    one_hot[1, 2] = 0.5  # half the mass on one patch, the rest on prefix tokens
+    uniform = np.full((3, 4), 0.9 / 12, np.float32)
+    bm = BlockMaps(block=0, heads=np.stack([one_hot, uniform]), prefix=np.array([[0.5], [0.1]]), head_ids=(0, 1))
+    [h0, h1] = head_stats(ImageAttention(query=Query("cls"), grid=(3, 4), blocks={0: bm}))["0"]
+    assert h0["entropy"] == 0.0 and h0["peak"] == [1, 2] and h0["prefix_mass"] == 0.5
+    assert abs(h1["entropy"] - 1.0) < 1e-5 and abs(h1["prefix_mass"] - 0.1) < 1e-6

@@ -4,6 +4,7 @@ and its ``meta.json``. Plain data in, plain data out; nothing here draws, writes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -207,7 +208,11 @@ def prediction_record(p: Prediction) -> dict[str, Any]:
 
 
 def head_stats(att: ImageAttention) -> dict[str, Any]:
-    """Per block and head: entropy over patches, mass on prefix tokens, grid position of the peak."""
+    """Per block and head: entropy over patches, mass on prefix tokens, grid position of the peak.
+
+    ``entropy`` is that of the query's attention over the patches, renormalised to sum to one over them, divided
+    by its largest possible value ``log(patches)``: 0 for all attention on one patch, 1 for uniform attention.
+    """
     import numpy as np
 
     stats: dict[str, Any] = {}
@@ -217,7 +222,8 @@ def head_stats(att: ImageAttention) -> dict[str, Any]:
             m = bm.heads[k]  # (gh, gw)
             total = float(m.sum())
             p = m / total if total > 0 else m
-            entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+            nats = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+            entropy = nats / math.log(m.size) if m.size > 1 else 0.0  # in [0, 1]
             peak = np.unravel_index(int(m.argmax()), m.shape)
             rows.append(
                 {
