@@ -402,3 +402,11 @@ def test_debug_shows_the_traceback_of_a_failed_input(tmp_path: Path) -> None:
         code, _, stderr = invoke(["heatmap", str(bad), "-o", str(tmp_path / "o"), *MODEL, *debug])
         assert code == 1 and f"{bad}: corrupt data" in stderr
         assert ("Traceback (most recent call last)" in stderr) is shown, stderr
+
+
+def test_a_folder_with_sub_folders_without_r_gets_a_hint(photos: Path, tmp_path: Path) -> None:
+    args = ["heatmap", str(photos), "-o", str(tmp_path / "o"), *MODEL, "--top-k", "0"]
+    code, _, stderr = invoke(args)
+    assert code == 0 and f"vitattn: hint: {photos}: 1 sub-folder not searched (descend into them with -r)" in stderr
+    code, _, stderr = invoke([*args, "-r"])
+    assert code == 0 and "hint" not in stderr

@@ -453,8 +453,11 @@ def _heatmap(
     as_json: bool,
     debug: bool,
 ) -> int:
+    from vitattn.discovery import folder_hints
     from vitattn.heatmap import start_heatmap
 
+    for hint in folder_hints(inputs.paths, recursive=inputs.recursive):
+        _err(hint.replace("with recursive", "with -r"), "hint")
     started = start_heatmap(inputs=inputs, model=model, attention=attention, render=render, run=run, stdin=stdin)
     if started.loaded.weights == "random":
         _err("--no-pretrained: random weights, so the maps are meaningless (useful for testing only)", "warning")

@@ -329,3 +329,20 @@ def _discovery_error(path: str, exc: OSError) -> InputError:
     return InputError(path, *os_reason(exc, Reason.NO_SUCH_FILE))
 
 
+def folder_hints(sources: Sequence[str], *, recursive: bool) -> list[str]:
+    """One line per named folder whose sub-folders a run without ``recursive`` would leave out."""
+    if recursive:
+        return []
+    hints = []
+    for source in sources:
+        if source == "-" or not os.path.isdir(source):
+            continue
+        try:
+            with os.scandir(source) as entries:
+                subfolders = sum(1 for e in entries if not e.name.startswith(".") and e.is_dir())
+        except OSError:
+            continue
+        if subfolders:
+            word = "sub-folder" if subfolders == 1 else "sub-folders"
+            hints.append(f"{source}: {subfolders} {word} not searched (descend into them with recursive)")
+    return hints
