@@ -410,3 +410,13 @@ def test_a_folder_with_sub_folders_without_r_gets_a_hint(photos: Path, tmp_path:
     assert code == 0 and f"vitattn: hint: {photos}: 1 sub-folder not searched (descend into them with -r)" in stderr
     code, _, stderr = invoke([*args, "-r"])
     assert code == 0 and "hint" not in stderr
+
+
+def test_grid_titles_stamp_random_weights() -> None:
+    from vitattn.attention import ImageAttention, Prediction
+    from vitattn.job import grid_title
+    from vitattn.options import Query
+
+    att = ImageAttention(query=Query("cls"), grid=(2, 2), blocks={}, top=[Prediction(3, "tabby", 0.5)])
+    assert grid_title("test_vit", "random", 5, att) == "test_vit (RANDOM WEIGHTS) · block 5 · query cls"
+    assert grid_title("test_vit", "pretrained", 5, att) == "test_vit · block 5 · query cls · top: tabby (50.0%)"

@@ -290,11 +290,7 @@ class HeatmapJob:
                 picture = mask_overlay(prep.photo, mask, crop_box=box, color=color, max_side=side)
                 save_picture(picture, folder / name, ext)
                 written.append(name)
-        title = f"{short_spec(self.loaded.spec)} · block {b} · {_method_title(att)}query {att.query}"
-        if self.loaded.weights == "random":
-            title = f"RANDOM WEIGHTS · {title}"
-        if att.top:
-            title += f" · top: {att.top[0].label} ({att.top[0].prob:.1%})"
+        title = grid_title(self.loaded.spec, self.loaded.weights, b, att)
         # Grid tiles: the written overlays halved (or quartered...) by pixel averaging when max_side is a
         # multiple of the tile size (the default: 512 = 2 x 256), cheaper than drawing them again; otherwise,
         # and for maps without files of their own, drawn at tile size from a small copy of the photo.
@@ -341,6 +337,16 @@ class HeatmapJob:
     def _error(self, item: InputItem, err: InputError, base: dict[str, Any] | None = None) -> Outcome:
         base = base if base is not None else base_record(item, self.loaded, self.settings)
         return Outcome(item=item, status="error", record={**base, "status": "error", "error": err.message}, error=err)
+
+
+def grid_title(spec: str, weights: str, block: int, att: ImageAttention) -> str:
+    """A grid picture's title: model (stamped when its weights are random), block, method, query, top-1."""
+    random = weights == "random"
+    title = f"{short_spec(spec)}{' (RANDOM WEIGHTS)' if random else ''} · block {block} · {_method_title(att)}"
+    title += f"query {att.query}"
+    if att.top and not random:  # a random model's prediction says nothing and would crowd the facts out
+        title += f" · top: {att.top[0].label} ({att.top[0].prob:.1%})"
+    return title
 
 
 def short_spec(spec: str) -> str:
