@@ -420,3 +420,24 @@ def test_grid_titles_stamp_random_weights() -> None:
     att = ImageAttention(query=Query("cls"), grid=(2, 2), blocks={}, top=[Prediction(3, "tabby", 0.5)])
     assert grid_title("test_vit", "random", 5, att) == "test_vit (RANDOM WEIGHTS) · block 5 · query cls"
     assert grid_title("test_vit", "pretrained", 5, att) == "test_vit · block 5 · query cls · top: tabby (50.0%)"
+
+
+def test_nan_model_outputs_fail_the_input_by_name_and_json_stays_strict(photos: Path, tmp_path: Path) -> None:
+    import vitattn
+
+    loaded = vitattn.load_model("test_vit", pretrained=False, device="cpu")
+    with torch.no_grad():
+        loaded.model.head.weight.fill_(float("nan"))  # attention stays finite, the class scores do not
+    run = vitattn.start_heatmap(
+        inputs=vitattn.InputOptions([str(photos / "wide.jpg")]),
+        model=loaded,
+        render=vitattn.RenderOptions(out=tmp_path),
+    )
+    [outcome] = list(run.outcomes())
+    assert outcome.status == "error" and outcome.record["error"].startswith("non-finite model output")
+    from vitattn.outputs import json_line
+
+    assert json.loads(json_line(outcome.record))["status"] == "error"  # strict JSON parses it
+    assert not (tmp_path / "wide.jpg").exists()
+    with pytest.raises(ValueError):
+        json_line({"prob": float("nan")})

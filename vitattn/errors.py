@@ -39,6 +39,7 @@ class Reason:
     SYMLINK_LOOP = "symlink loop"
     OUTPUTS_EXIST = "outputs exist (use --overwrite)"
     INFERENCE = "inference failed"
+    NON_FINITE = "non-finite model output"
     WRITE = "could not write outputs"
 
 

@@ -210,6 +210,9 @@ class HeatmapJob:
         """Render and write one input's files atomically, meta.json last (thread-safe)."""
         folder = prep.folder
         base = base_record(prep.item, self.loaded, self.settings)
+        bad = non_finite(att)
+        if bad:  # strict JSON has no NaN, and a NaN map draws as nothing: the input fails, by name
+            return self._error(prep.item, InputError(prep.item.path, Reason.NON_FINITE, bad), base)
         written: list[str] = []
         old: list[str] = []
         try:
@@ -337,6 +340,20 @@ class HeatmapJob:
     def _error(self, item: InputItem, err: InputError, base: dict[str, Any] | None = None) -> Outcome:
         base = base if base is not None else base_record(item, self.loaded, self.settings)
         return Outcome(item=item, status="error", record={**base, "status": "error", "error": err.message}, error=err)
+
+
+def non_finite(att: ImageAttention) -> str | None:
+    """What holds NaN or infinite values (attention maps, predictions), or None when everything is finite."""
+    import numpy as np
+
+    for b, bm in att.blocks.items():
+        arrays = [bm.heads, bm.prefix] + ([bm.method_map] if bm.method_map is not None else [])
+        if not all(np.isfinite(a).all() for a in arrays):
+            return f"NaN or infinite attention in block {b}"
+    scores = [p.prob for p in att.top] + ([att.target.prob] if att.target is not None else [])
+    if not all(np.isfinite(scores)):
+        return "NaN or infinite class probabilities"
+    return None
 
 
 def grid_title(spec: str, weights: str, block: int, att: ImageAttention) -> str:

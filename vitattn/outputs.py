@@ -96,7 +96,7 @@ def raise_if_fatal(exc: OSError, path: Path) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape")
+    data = (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8", "surrogateescape")
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -219,5 +219,5 @@ def remove_files(folder: Path, names: Iterable[str]) -> None:
 
 
 def json_line(record: dict[str, Any]) -> str:
-    """One JSON record per line (non-UTF-8 path bytes survive as \\udcXX escapes)."""
-    return json.dumps(record, ensure_ascii=True, separators=(", ", ": "))
+    """One JSON record per line (non-UTF-8 path bytes survive as \\udcXX escapes); strict JSON, never NaN."""
+    return json.dumps(record, ensure_ascii=True, separators=(", ", ": "), allow_nan=False)
