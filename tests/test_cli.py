@@ -145,6 +145,8 @@ def test_large_jpeg_overlays_keep_the_asked_resolution(tmp_path: Path, max_side:
         (["-m", "vit_tiny_patch16_2244"], 2, "did you mean"),
         (["-m", "test_convnext"], 2, "not supported"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], 2, "device"),
+        (["--device", "hpu"], 2, "--device: hpu: not a device vitattn runs on"),
+        (["--device", "meta"], 2, "--device: meta: not a device vitattn runs on"),
     ],
 )
 def test_bad_options_are_one_line_and_write_nothing(
