@@ -155,7 +155,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     except RuntimeError as exc:
         raise UsageError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)", option="device") from exc
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"{device}: not a device vitattn runs on (use auto, cpu, cuda, cuda:N or mps)", option="device")
+        raise UsageError(
+            f"{device}: not a device vitattn runs on (use auto, cpu, cuda, cuda:N or mps)", option="device"
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"{device}: CUDA is not available on this machine (try cpu)", option="device")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
