@@ -443,3 +443,12 @@ def test_nan_model_outputs_fail_the_input_by_name_and_json_stays_strict(photos: 
     assert not (tmp_path / "wide.jpg").exists()
     with pytest.raises(ValueError):
         json_line({"prob": float("nan")})
+
+
+def test_models_can_list_only_those_with_pretrained_weights() -> None:
+    import timm
+
+    everything = set(invoke(["models", "test_*"])[1].decode().split())
+    with_weights = set(invoke(["models", "test_*", "--pretrained"])[1].decode().split())
+    expected = {n.split(".")[0] for n in timm.list_models("test_*", pretrained=True)} & everything
+    assert with_weights == expected and with_weights < everything  # test_vit4 has no pretrained tag

@@ -552,14 +552,17 @@ def info(
 
 @app.command()
 def models(
-    pattern: Annotated[str, typer.Argument(help="Wildcard filter, e.g. '*dinov2*'.")] = "",
+    pattern: Annotated[str, typer.Argument(help="Wildcard filter in any case, e.g. '*dinov2*'.")] = "",
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained", help="Only models with pretrained weights on the hub.")
+    ] = False,
 ) -> None:
     """List the timm models vitattn supports."""
 
     def call() -> int:
         from vitattn.models import supported_models
 
-        names = supported_models(pattern)
+        names = supported_models(pattern, pretrained=pretrained)
         for name in names:
             _emit(name)
         if not names:

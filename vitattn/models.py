@@ -472,12 +472,13 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
-def supported_models(pattern: str = "") -> list[str]:
+def supported_models(pattern: str = "", *, pretrained: bool = False) -> list[str]:
     """timm model names (optionally matching a wildcard ``pattern``, in any case) that vitattn can handle.
 
     Decided without building each model: the families built on timm's ViT-style classes, less the variants
     whose blocks run attention inside a fused parallel block (no ``block.attn``), which
     :func:`token_layout` refuses. ``tests/test_models.py`` checks both sides on the meta device.
+    With ``pretrained``, only architectures that have pretrained weights (a timm pretrained tag).
     """
     import fnmatch
 
@@ -486,7 +487,10 @@ def supported_models(pattern: str = "") -> list[str]:
     names: list[str] = []
     for module in _SUPPORTED_MODULES:
         names.extend(timm.list_models(pattern.lower() or "*", module=module))  # timm's names are lower case
-    return sorted(n for n in set(names) if not any(fnmatch.fnmatch(n, x) for x in _PARALLEL_BLOCK_MODELS))
+    keep = {n for n in names if not any(fnmatch.fnmatch(n, x) for x in _PARALLEL_BLOCK_MODELS)}
+    if pretrained:
+        keep &= {tag.split(".")[0] for tag in timm.list_models(pattern.lower() or "*", pretrained=True)}
+    return sorted(keep)
 
 
 _SUPPORTED_MODULES = ("vision_transformer", "deit", "beit", "eva", "vision_transformer_relpos")
