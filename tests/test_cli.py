@@ -452,3 +452,15 @@ def test_models_can_list_only_those_with_pretrained_weights() -> None:
     with_weights = set(invoke(["models", "test_*", "--pretrained"])[1].decode().split())
     expected = {n.split(".")[0] for n in timm.list_models("test_*", pretrained=True)} & everything
     assert with_weights == expected and with_weights < everything  # test_vit4 has no pretrained tag
+
+
+def test_a_checkpoint_of_another_width_is_named_in_one_short_line(photos: Path, tmp_path: Path) -> None:
+    import timm
+
+    other = timm.create_model("test_vit", pretrained=False, embed_dim=48)  # test_vit is 64 wide
+    torch.save(other.state_dict(), tmp_path / "narrow.pth")
+    args = ["heatmap", str(photos / "wide.jpg"), "-m", "test_vit", "--weights", str(tmp_path / "narrow.pth")]
+    code, _, stderr = invoke([*args, "-o", str(tmp_path / "o")])
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("vitattn: error:")]
+    assert code == 3 and len(lines) == 1 and len(lines[0]) < 300, stderr
+    assert "in the file and" in lines[0] and "weights of another model size?" in lines[0]

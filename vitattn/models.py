@@ -336,6 +336,15 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
         raise ModelError(f"weights file {path}: cannot read it ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise ModelError(f"weights file {path}: not a state dict of tensors")
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:  # one short line: the first tensor that differs says which model the file is for
+        k = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise ModelError(
+            f"weights file {path} does not fit the model: {k} is {list(state[k].shape)} in the file and "
+            f"{list(own[k].shape)} in the model{more}; weights of another model size?"
+        )
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
