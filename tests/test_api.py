@@ -102,3 +102,15 @@ def test_public_names_resolve_and_import_stays_light() -> None:
     assert "explain" in dir(vitattn) and "Runner" not in dir(vitattn) and "HeatmapJob" not in dir(vitattn)
     code = "import sys, vitattn; assert not {'torch', 'timm', 'matplotlib'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_preprocessed_tensor_is_drawn_whole() -> None:
+    model = vitattn.load_model("test_vit", pretrained=False, device="cpu")
+    from vitattn.preprocess import crop_box
+
+    h, w = model.input_size
+    assert crop_box(model.transform, (w, h)) != (0.0, 0.0, float(w), float(h))  # the transform would crop it
+    result = vitattn.explain(model, torch.zeros(3, h, w), top_k=0)
+    assert result.crop_box == (0.0, 0.0, float(w), float(h))  # the tensor is what the model saw, all of it
+    with pytest.raises(vitattn.UsageError, match="unknown head 'median'"):
+        result.overlay(head="median")

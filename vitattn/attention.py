@@ -14,7 +14,7 @@ from vitattn.capture import AttentionCapture
 from vitattn.errors import CaptureError, UsageError
 from vitattn.maps import check_query, patch_grid, query_rows
 from vitattn.methods import METHODS, GradRolloutReducer, MethodReducer
-from vitattn.options import AttentionOptions, HeadFusion, Method, Precision, Query, RenderOptions
+from vitattn.options import AttentionOptions, HeadFusion, Method, Precision, Query, RenderOptions, parse_choice
 from vitattn.preprocess import Box
 
 if TYPE_CHECKING:
@@ -191,16 +191,15 @@ class ImageAttention:
                 raise UsageError(f"head {head} was not computed (computed: {list(bm.head_ids)})", option="head")
             heat = bm.heads[bm.head_ids.index(head)]
         else:
-            heat = bm.fused(HeadFusion(head))
+            heat = bm.fused(parse_choice(HeadFusion, head, "head"))
         scaled = scale_maps(heat[None], shared=False)[0]  # (gh, gw) in [0, 1]
-        box = self.crop_box if photo is None or self.photo is None else None
-        if box is None:
-            box = _crop_box_for(picture.size, self.crop_box, self.photo)
+        box = _crop_box_for(picture.size, self.crop_box, self.photo)
         return overlay(picture, scaled, crop_box=box, lut=colormap_lut(cmap), alpha=alpha, max_side=max_side)
 
 
 def _crop_box_for(size: tuple[int, int], box: Box | None, source: Image.Image | None) -> Box:
-    """The crop box scaled onto another copy of the picture (e.g. the full-size original)."""
+    """The crop box (in ``source`` pixels) scaled onto a copy of the picture of this size (e.g. the full-size
+    original); the whole picture when there is no box."""
     w, h = size
     if box is None or source is None:
         return (0.0, 0.0, float(w), float(h))

@@ -19,7 +19,7 @@ from vitattn.attention import ImageAttention, capturing, forward_batch, resolve_
 from vitattn.errors import UsageError
 from vitattn.heatmap import as_loaded
 from vitattn.options import AttentionOptions, HeadFusion, Method, Precision, Query, parse_choice
-from vitattn.preprocess import crop_box, to_batch
+from vitattn.preprocess import Box, crop_box, to_batch
 
 if TYPE_CHECKING:
     import torch
@@ -117,12 +117,11 @@ def explain(
     )
     loaded = as_loaded(model)
     settings = resolve_settings(loaded, options)
-    single, x, photos = _batch(loaded, images)
+    single, x, photos, boxes = _batch(loaded, images)
     with _eval_mode(loaded.model), capturing(loaded, settings) as cap:
         results = forward_batch(loaded, cap, x, settings)
-    for res, photo in zip(results, photos, strict=True):
-        res.photo = photo
-        res.crop_box = crop_box(loaded.transform, photo.size) if photo is not None else None
+    for res, photo, box in zip(results, photos, boxes, strict=True):
+        res.photo, res.crop_box = photo, box
     if single:
         return results[0]
     return results
@@ -130,8 +129,9 @@ def explain(
 
 def _batch(
     loaded: LoadedModel, images: One | Sequence[One] | torch.Tensor
-) -> tuple[bool, torch.Tensor, list[Image.Image]]:
-    """(one picture given?, the batch (B, 3, H, W), the upright pictures the maps belong to)."""
+) -> tuple[bool, torch.Tensor, list[Image.Image], list[Box]]:
+    """(one picture given?, the batch (B, 3, H, W), the upright pictures the maps belong to, and the region of
+    each that the model saw: the transform's crop box, or all of it for a preprocessed tensor)."""
     import torch
     from PIL import Image
 
@@ -140,13 +140,15 @@ def _batch(
             raise UsageError(f"a preprocessed tensor is (3, H, W) or (B, 3, H, W), not {tuple(images.shape)}",
                              option="images")
         x = images[None] if images.ndim == 3 else images  # (B, 3, H, W)
-        return images.ndim == 3, x, [_unnormalize(loaded, t) for t in x]
+        seen = [_unnormalize(loaded, t) for t in x]
+        return images.ndim == 3, x, seen, [(0.0, 0.0, float(p.width), float(p.height)) for p in seen]
     single = isinstance(images, (Image.Image, str, os.PathLike))
     many: Sequence[One] = [images] if single else images  # type: ignore[list-item, assignment]
     photos = [_picture(p) for p in many]
     if not photos:
         raise UsageError("no pictures given", option="images")
-    return single, to_batch(photos, loaded.transform), photos
+    boxes = [crop_box(loaded.transform, p.size) for p in photos]
+    return single, to_batch(photos, loaded.transform), photos, boxes
 
 
 def _picture(item: One) -> Image.Image:
