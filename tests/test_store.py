@@ -346,7 +346,8 @@ def test_a_kill_during_an_overwrite_leaves_folders_that_the_next_run_completes(t
     for i in range(n):
         picture(tmp_path / "in" / f"{i}.png", 40 + i)
     base = ["in", "-o", "out", *MODEL, "--top-k", "0", "--batch-size", "2"]
-    assert subprocess.run(heatmap_command(*base, "--format", "jpg"), cwd=tmp_path, env=ENV, capture_output=True).returncode == 0
+    first = subprocess.run(heatmap_command(*base, "--format", "jpg"), cwd=tmp_path, env=ENV, capture_output=True)
+    assert first.returncode == 0, first.stderr.decode()[-2000:]
     proc = subprocess.Popen(
         heatmap_command(*base, "--format", "png", "--overwrite"),
         cwd=tmp_path,

@@ -38,7 +38,7 @@ from vitattn.records import (
     result_entry,
     result_files,
 )
-from vitattn.store import ResultFolder, entry_complete, open_locked, peek, raise_if_fatal, results_of
+from vitattn.store import META, ResultFolder, entry_complete, open_locked, peek, raise_if_fatal, results_of
 
 if TYPE_CHECKING:
     import torch
@@ -183,7 +183,7 @@ class HeatmapJob:
         from vitattn.discovery import suffixed
 
         owner = (meta or {}).get("input_path")
-        if meta is None or owner in (None, item.source):
+        if meta is None or owner in (None, recorded_path(item.source)):
             return None
         return suffixed(item.rel, item.source)
 
@@ -348,7 +348,11 @@ class HeatmapJob:
 
         def save(keys: list[str]) -> None:
             meta = folder_meta(
-                input_path=base["input"], source=item.source, primary_model=primary, results=results, latest=keys
+                input_path=base["input"],
+                source=recorded_path(item.source),
+                primary_model=primary,
+                results=results,
+                latest=keys,
             )
             rf.write_meta(meta)
 
@@ -394,7 +398,10 @@ class HeatmapJob:
             keep = {n for e in results.values() for n in _names(e)}
             rf.remove((set(written) | leftovers | {n for f in plan.todo for n in replaced[f.key]}) - keep)
             with contextlib.suppress(Exception):
-                save([k for k in latest if k in results])
+                if results:
+                    save([k for k in latest if k in results])
+                else:  # nothing else was there: no meta.json either
+                    rf.remove([META])
             if isinstance(exc, OSError):
                 raise_if_fatal(exc, rf.path)
             if isinstance(exc, (VitattnError, MemoryError)) or not isinstance(exc, Exception):
@@ -580,6 +587,15 @@ def shrink(photo: Image.Image, box: Box, max_side: int, pixels: torch.Tensor | N
         small = photo.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
     sx, sy = small.width / w, small.height / h
     return small, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def recorded_path(path: str) -> str:
+    """A path as meta.json records it (valid UTF-8: undecodable bytes become ``\\xNN`` escapes)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return display_path(path)
+    return path
 
 
 def _names(entry: dict[str, Any]) -> set[str]:
