@@ -342,6 +342,8 @@ class HeatmapJob:
         # results whose writer died (state "writing") and that this run does not redo: drop them
         dead = [k for k, e in results.items() if e.get("state") != "complete" and k not in todo]
         leftovers = {n for k in dead for n in _names(results.pop(k))}
+        if meta is not None and meta.get("format") is None:  # a result of vitattn 0.1 (one per folder): replaced whole
+            leftovers |= {n for n in meta.get("files", []) if isinstance(n, str) and n != META}
         replaced = {f.key: _names(results[f.key]) if f.key in results else set() for f in plan.todo}
         for f in plan.todo:
             results[f.key] = {"state": "writing", "files": f.names(), "old_files": sorted(replaced[f.key])}
