@@ -566,6 +566,9 @@ def stats(
     classes: Annotated[
         int, typer.Option("--classes", min=0, help="Most frequent predicted classes given a mean map of their own.")
     ] = StatsOptions.classes,
+    no_plots: Annotated[
+        bool, typer.Option("--no-plots", help="Write heads.csv and stats.json only (no matplotlib plots).")
+    ] = not StatsOptions.plots,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON record per input on stdout, then one for the report.")
     ] = False,
@@ -603,7 +606,7 @@ def stats(
             raise typer.Exit(ExitCode.USAGE)
         inputs = ["-"]
     progress = _Progress()
-    options = StatsOptions(out=out, classes=classes, overwrite=overwrite)
+    options = StatsOptions(out=out, classes=classes, overwrite=overwrite, plots=not no_plots)
 
     def call() -> int:
         if out.exists() and not out.is_dir():
@@ -611,7 +614,9 @@ def stats(
         if merge:
             from vitattn.stats_report import merge_reports
 
-            report, files = merge_reports([Path(p) for p in inputs], out, overwrite=overwrite, classes=classes)
+            report, files = merge_reports(
+                [Path(p) for p in inputs], out, overwrite=overwrite, classes=classes, plots=not no_plots
+            )
             _stats_summary(out, files, report.images, as_json=as_json)
             return ExitCode.OK
         stdin = None

@@ -185,10 +185,10 @@ class StatsState:
     grid: tuple[int, int]
     names: tuple[str, ...]
     images: int = 0
-    sums: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
-    squares: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
-    peaks: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
-    map_sum: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    sums: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]
+    squares: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]
+    peaks: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]
+    map_sum: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]
     class_count: dict[int, int] = field(default_factory=dict)
     class_sum: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -198,13 +198,13 @@ class StatsState:
         self.blocks = tuple(int(b) for b in self.blocks)
         self.grid = (int(self.grid[0]), int(self.grid[1]))
         self.names = tuple(self.names)
-        s, l, h, m = len(self.names), len(self.blocks), self.heads, self.grid[0] * self.grid[1]
+        s, nb, h, m = len(self.names), len(self.blocks), self.heads, self.grid[0] * self.grid[1]
         if self.sums is None:
-            self.sums = np.zeros((s, l, h), np.float64)
+            self.sums = np.zeros((s, nb, h), np.float64)
         if self.squares is None:
-            self.squares = np.zeros((s, l, h), np.float64)
+            self.squares = np.zeros((s, nb, h), np.float64)
         if self.peaks is None:
-            self.peaks = np.zeros((l, h, m), np.int64)
+            self.peaks = np.zeros((nb, h, m), np.int64)
         if self.map_sum is None:
             self.map_sum = np.zeros(m, np.float64)
 
@@ -351,8 +351,8 @@ class StatsState:
         for c, entry in d["classes"].items():
             state.class_count[int(c)] = int(entry["count"])
             state.class_sum[int(c)] = np.asarray(entry["sum"], np.float64)
-        s, l, h, m = len(state.names), len(state.blocks), state.heads, grid[0] * grid[1]
-        shapes = {"sums": (s, l, h), "squares": (s, l, h), "peaks": (l, h, m), "map_sum": (m,)}
+        s, nb, h, m = len(state.names), len(state.blocks), state.heads, grid[0] * grid[1]
+        shapes = {"sums": (s, nb, h), "squares": (s, nb, h), "peaks": (nb, h, m), "map_sum": (m,)}
         for name, shape in shapes.items():
             if getattr(state, name).shape != shape:
                 raise ValueError(f"statistics state: {name} has shape {getattr(state, name).shape}, not {shape}")

@@ -92,7 +92,8 @@ def _table(ax: Any, fig: Any, values: Any, blocks: tuple[int, ...], label: str, 
     ax.set_xticks(range(0, heads, step))
     if values.size <= 16 * 24:
         for (i, j), v in _cells(values):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 * vmax else "black")
+            colour = "white" if v < 0.6 * vmax else "black"
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=colour)
     bar = fig.colorbar(im, ax=ax, shrink=0.9)
     bar.set_label(label)
 

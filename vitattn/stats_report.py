@@ -141,7 +141,7 @@ class DatasetStats:
             "images": s.images,
             "failed": self.failed,
             "classes_predicted": len(s.class_count),
-            "statistics": list(s.names) + ["sink_share"],
+            "statistics": [*s.names, "sink_share"],
             "definitions": {k: v for k, v in DEFINITIONS.items() if k in s.names or k == "sink_share"},
             "blocks": blocks,
             "class_maps": classes,
@@ -200,7 +200,7 @@ class Partial:
     files: list[Path] = field(default_factory=list)
 
 
-def _parts(folder: Path) -> list[tuple[int, Path]]:
+def part_files(folder: Path) -> list[tuple[int, Path]]:
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
@@ -219,7 +219,7 @@ def read_partial(out: Path) -> Partial:
     """
     folder = out / PARTIAL
     chunks: list[tuple[Path, dict[str, Any]]] = []
-    for _, path in _parts(folder):
+    for _, path in part_files(folder):
         try:
             chunks.append((path, json.loads(path.read_text(encoding="utf-8"))))
         except (OSError, ValueError) as exc:
@@ -266,7 +266,7 @@ def write_part(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {display_path(folder)}: {exc.strerror or exc}") from exc
-    parts = _parts(folder)
+    parts = part_files(folder)
     n = parts[-1][0] + 1 if parts else 1
     path = folder / f"part-{n:06d}.json"
     used = {c: labels[c] for c in state.class_count if c in labels}

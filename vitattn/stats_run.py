@@ -30,11 +30,17 @@ from vitattn.job import Outcome, exc_line
 from vitattn.options import DEFAULT_MAX_PIXELS, AttentionOptions, InputOptions, ModelOptions, RunOptions, StatsOptions
 from vitattn.preprocess import peak_pixels, photo_tensor, tensor_transform
 from vitattn.statistics import StatsReducer, StatsState, merge_states, stat_names
-from vitattn.stats_report import DatasetStats, check_settings, compact, read_partial, remove_parts, write_part, write_report
+from vitattn.stats_report import (
+    DatasetStats,
+    check_settings,
+    compact,
+    read_partial,
+    remove_parts,
+    write_part,
+    write_report,
+)
 
 if TYPE_CHECKING:
-    import os as _os
-
     import torch
     from PIL import Image
     from torch import nn
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
     from vitattn.models import LoadedModel
 
 T = TypeVar("T")
-One = Union["Image.Image", str, "_os.PathLike[str]"]
+One = Union["Image.Image", str, "os.PathLike[str]"]
 
 
 def stats_attention(loaded: LoadedModel, attention: AttentionOptions | None) -> Settings:
@@ -99,7 +105,7 @@ def infer(
     n = int(x.shape[0])
     finite = torch.ones(n, dtype=torch.bool)
     for values in captured.values():
-        for name, v in values.items():
+        for v in values.values():
             if v.is_floating_point():
                 finite &= torch.isfinite(v.reshape(n, -1)).all(dim=1)  # (B,)
     top1 = None
@@ -170,7 +176,8 @@ class StatsJob:
         except (VitattnError, MemoryError):
             raise
         except Exception as exc:  # the model's transform failed on this one picture
-            return self.error(item, _caused(InputError(item.path, Reason.INFERENCE, f"preprocessing: {exc_line(exc)}"), exc))
+            detail = f"preprocessing: {exc_line(exc)}"
+            return self.error(item, _caused(InputError(item.path, Reason.INFERENCE, detail), exc))
         return _Prepared(item, key, tensor, loaded_img.warnings)
 
     def run_batch(self, cap: AttentionCapture, batch: Sequence[_Prepared]) -> tuple[StatsState | None, list[Outcome]]:
@@ -189,7 +196,8 @@ class StatsJob:
         outcomes = []
         for i, p in enumerate(batch):
             if not keep[i]:
-                outcomes.append(self.error(p.item, InputError(p.item.path, Reason.NON_FINITE, "NaN or infinite attention or scores")))
+                bad = InputError(p.item.path, Reason.NON_FINITE, "NaN or infinite attention or scores")
+                outcomes.append(self.error(p.item, bad))
                 continue
             record = self.record(p.item, "ok")
             if top1 is not None:
@@ -372,9 +380,9 @@ def start_stats(
     if partial is not None:
         check_settings(stats.out, partial.settings, record)
     else:
-        from vitattn.stats_report import PARTIAL, _parts
+        from vitattn.stats_report import PARTIAL, part_files
 
-        remove_parts(p for _, p in _parts(stats.out / PARTIAL))
+        remove_parts(p for _, p in part_files(stats.out / PARTIAL))
     done = partial.inputs if partial is not None else set()
     job = StatsJob(loaded, settings, run, done)
     return StatsRun(loaded=loaded, settings=settings, job=job, record=record, inputs=inputs, stats=stats, run=run,
@@ -413,7 +421,7 @@ def dataset_stats(
     batches: Iterator[torch.Tensor]
     if isinstance(images, torch.Tensor):
         x = images[None] if images.ndim == 3 else images  # (B, 3, H, W)
-        batches = iter(x.split(batch_size))
+        batches = iter(torch.split(x, batch_size))
     else:
         batches = (torch.stack([loaded.transform(_picture(p)) for p in chunk]) for chunk in _chunks(images, batch_size))
     with _eval_mode(loaded.model), stats_capture(loaded, settings) as cap:
@@ -435,7 +443,9 @@ def _chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def _ordered_map(pool: ThreadPoolExecutor, fn: Callable[[InputItem], T], items: Iterable[InputItem], window: int) -> Iterator[T]:
+def _ordered_map(
+    pool: ThreadPoolExecutor, fn: Callable[[InputItem], T], items: Iterable[InputItem], window: int
+) -> Iterator[T]:
     """``pool.map`` that is lazy over ``items``, with at most ``window`` tasks in flight."""
     inflight: deque[Future[T]] = deque()
     for item in items:
