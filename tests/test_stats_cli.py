@@ -247,6 +247,27 @@ def test_statistics_equal_heatmap_npy_arrays_and_unfused_attention(photos: list[
             assert got[(b, h, "distance_patches")][0] == pytest.approx(d[:, h].mean() / ps[0], rel=1e-4)
 
 
+def test_python_api_returns_what_the_cli_writes(photos: list[Path], tmp_path: Path) -> None:
+    from vitattn.models import load_model
+    from vitattn.stats_run import dataset_stats
+
+    out = tmp_path / "report"
+    assert invoke(["stats", *map(str, photos[:4]), "-o", str(out), *FAST, "--batch-size", "2"])[0] == 0
+    written = stats_of(out)
+    got = dataset_stats(load_model("test_vit", pretrained=False, device="cpu"), photos[:4], batch_size=2).to_json()
+    assert got["settings"] == written["settings"] and got["images"] == written["images"] == 4
+    assert got["model"] == written["model"]
+    for b_got, b_written in zip(got["blocks"], written["blocks"], strict=True):
+        for h_got, h_written in zip(b_got["heads"], b_written["heads"], strict=True):
+            for name, v in h_written.items():
+                if isinstance(v, dict) and "mean" in v:
+                    assert h_got[name]["mean"] == pytest.approx(v["mean"], abs=1e-7), name
+            assert h_got["sink"] == h_written["sink"]
+    assert [(c["class"], c["images"]) for c in got["class_maps"]] == [
+        (c["class"], c["images"]) for c in written["class_maps"]
+    ]
+
+
 def test_plots_open_have_their_size_and_are_not_blank(photos: list[Path], tmp_path: Path) -> None:
     from vitattn.stats_plots import CLASS_COLUMNS, CLASS_TILE, DISTANCE_SIZE, DPI, TABLE_PANEL
 

@@ -103,6 +103,7 @@ def test_prefix_groups_entropy_and_peak_on_hand_built_attention() -> None:
     a[:, :, 1:3, :] = 1.0 / n
     out = StatsReducer(TokenLayout(roles, (8, 8)), grid, CLS, map_block=0)(0, torch.tensor(a, dtype=torch.float32))
     assert set(stat_names(roles)) == {k for k in out if k not in ("peak", "map")}
+    assert all(v.shape in ((1, 2), (1, m)) for v in out.values())  # nothing of size N x N leaves the hook
     assert out["prefix_mass_cls"][0].tolist() == pytest.approx([0.1, 0.1])
     assert out["prefix_mass_reg"][0].tolist() == pytest.approx([0.4, 0.4])
     assert out["prefix_mass"][0].tolist() == pytest.approx([0.5, 0.5])

@@ -93,7 +93,7 @@ def _table(ax: Any, fig: Any, values: Any, blocks: tuple[int, ...], label: str, 
     if values.size <= 16 * 24:
         for (i, j), v in _cells(values):
             colour = "white" if v < 0.6 * vmax else "black"
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=colour)
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=colour)
     bar = fig.colorbar(im, ax=ax, shrink=0.9)
     bar.set_label(label)
 

@@ -166,9 +166,7 @@ class StatsJob:
             if limit is not None and peak > max(limit, DEFAULT_MAX_PIXELS):
                 w, h = photo.size
                 raise InputError(item.path, Reason.TOO_LARGE, f"{w}×{h} resized for the model is {peak} pixels")
-            tensor = self.tensor_transform(photo_tensor(photo)) if self.tensor_transform is not None else None
-            if tensor is None:
-                tensor = self.transform(photo)  # (3, H, W)
+            tensor = self.model_input(photo)
         except InputError as err:
             return self.error(item, err)
         except OSError as exc:
@@ -179,6 +177,12 @@ class StatsJob:
             detail = f"preprocessing: {exc_line(exc)}"
             return self.error(item, _caused(InputError(item.path, Reason.INFERENCE, detail), exc))
         return _Prepared(item, key, tensor, loaded_img.warnings)
+
+    def model_input(self, photo: Image.Image) -> torch.Tensor:
+        """The model's (3, H, W) input for an upright RGB picture: its transform, on torch's resamplers where
+        they stand in for it (:func:`~vitattn.preprocess.tensor_transform`)."""
+        tensor = self.tensor_transform(photo_tensor(photo)) if self.tensor_transform is not None else None
+        return tensor if tensor is not None else self.transform(photo)  # (3, H, W)
 
     def run_batch(self, cap: AttentionCapture, batch: Sequence[_Prepared]) -> tuple[StatsState | None, list[Outcome]]:
         """The batch's statistics (None when the whole batch failed) and one outcome per input."""
@@ -410,20 +414,31 @@ def dataset_stats(
         classes: the most frequent classes given a map of their own.
     """
     import torch
+    from PIL import Image
 
-    from vitattn.explainer import _eval_mode, _picture
+    from vitattn.explainer import _eval_mode
 
     blocks_t = (blocks,) if isinstance(blocks, int) else (tuple(blocks) if blocks is not None else None)
     loaded = as_loaded(model)
     settings = stats_attention(loaded, AttentionOptions(blocks=blocks_t, top_k=top_k, precision=precision))  # type: ignore[arg-type]
-    RunOptions(batch_size=batch_size)  # checks the value
+    job = StatsJob(loaded, settings, RunOptions(batch_size=batch_size), set())
     total = empty_state(loaded, settings)
+
+    def model_input(picture: One) -> torch.Tensor:  # what the CLI feeds the model for the same picture
+        if isinstance(picture, Image.Image):
+            return job.model_input(picture.convert("RGB") if picture.mode != "RGB" else picture)
+        path = os.fspath(picture)
+        prepared = job.prepare(InputItem(path, os.path.basename(path) or path))
+        if isinstance(prepared, Outcome):
+            raise prepared.error or InputError(path, Reason.CORRUPT)
+        return prepared.tensor
+
     batches: Iterator[torch.Tensor]
     if isinstance(images, torch.Tensor):
         x = images[None] if images.ndim == 3 else images  # (B, 3, H, W)
         batches = iter(torch.split(x, batch_size))
     else:
-        batches = (torch.stack([loaded.transform(_picture(p)) for p in chunk]) for chunk in _chunks(images, batch_size))
+        batches = (torch.stack([model_input(p) for p in chunk]) for chunk in _chunks(images, batch_size))
     with _eval_mode(loaded.model), stats_capture(loaded, settings) as cap:
         for x in batches:
             state, _, _ = infer(loaded, cap, x, settings)
