@@ -99,7 +99,7 @@ class DatasetStats:
                     row[f"{name}_mean"] = _num(mean[li, h])
                     row[f"{name}_std"] = _num(std[li, h])
                 row["sink_share"] = _num(share[li, h])
-                row["sink_row"], row["sink_col"] = divmod(int(patch[li, h]), gw)
+                row["sink_row"], row["sink_col"] = divmod(int(patch[li, h]), gw) if s.images else (None, None)
                 row["images"] = s.images
                 rows.append(row)
         return rows
