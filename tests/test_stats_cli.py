@@ -114,6 +114,11 @@ def test_report_files_counts_and_exit_code(photos: list[Path], tmp_path: Path) -
     # other settings into the same report: a usage error naming what differs
     code, _, stderr = invoke(["stats", str(folder), "-o", str(out), *FAST, "-b", "-1"])
     assert code == 2 and "blocks" in stderr and len(stderr.strip().splitlines()) == 1
+    # --overwrite starts afresh with the new settings
+    code, _, stderr = invoke(["stats", str(folder), "-o", str(out), *FAST, "-b", "-1", "--overwrite"])
+    assert code == 1 and "processed 4, skipped 0, failed 1 (of 5)" in stderr
+    assert stats_of(out)["settings"]["blocks"] == [DEPTH - 1] and stats_of(out)["images"] == 4
+    assert len(list((out / "partial").glob("part-*.json"))) == 1
 
 
 def test_usage_errors_are_one_line(tmp_path: Path) -> None:
