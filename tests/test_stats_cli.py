@@ -121,6 +121,19 @@ def test_report_files_counts_and_exit_code(photos: list[Path], tmp_path: Path) -
     assert len(list((out / "partial").glob("part-*.json"))) == 1
 
 
+def test_a_second_run_into_a_busy_report_fails_at_once(photos: list[Path], tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "report"
+    (out / "partial").mkdir(parents=True)
+    with open(out / "partial" / ".lock", "w") as held:  # another run holds the report
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, _, stderr = invoke(["stats", str(photos[0]), "-o", str(out), *FAST])
+    assert code == 3 and "another vitattn stats run" in stderr
+    assert not list((out / "partial").glob("part-*.json"))
+    assert invoke(["stats", str(photos[0]), "-o", str(out), *FAST])[0] == 0  # released: it runs
+
+
 def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     code, _, stderr = invoke(["stats", "--merge", "-o", str(tmp_path / "r")])
     assert code == 2 and "no inputs" in stderr

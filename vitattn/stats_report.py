@@ -18,12 +18,13 @@ ignored when read (and removed), so a crash between writing it and removing them
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,38 @@ class Partial:
     files: list[Path] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def report_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/partial/.lock`` (an exclusive ``flock``) while adding to the report; a second run that adds
+    to the same report at the same time would lose counts, so it fails at once instead.
+
+    Raises:
+        OutputError: another process holds the lock, or the folder cannot be written.
+    """
+    folder = out / PARTIAL
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unlocked
+        yield
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise OutputError(f"cannot use {display_path(folder)}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"{display_path(out)}: another vitattn stats run is adding to this report; wait for it, or use "
+                "another folder and --merge the two"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def part_files(folder: Path) -> list[tuple[int, Path]]:
     try:
         names = os.listdir(folder)
@@ -363,6 +396,21 @@ def merge_reports(sources: Sequence[Path], out: Path, *, overwrite: bool = False
                 option="inputs",
             )
         seen.update({k: src for k in p.inputs})
+    with report_lock(out):
+        return _merge_into(out, parts, seen, first, overwrite=overwrite, classes=classes, plots=plots)
+
+
+def _merge_into(
+    out: Path,
+    parts: list[tuple[Path, Partial]],
+    seen: dict[str, Path],
+    first: Partial,
+    *,
+    overwrite: bool,
+    classes: int,
+    plots: bool,
+) -> tuple[DatasetStats, dict[str, str]]:
+    assert first.settings is not None
     existing = read_partial(out)
     if existing.files and not overwrite:
         raise UsageError(f"{display_path(out)} already holds statistics: use another folder, or overwrite",

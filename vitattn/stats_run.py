@@ -31,11 +31,14 @@ from vitattn.options import DEFAULT_MAX_PIXELS, AttentionOptions, InputOptions, 
 from vitattn.preprocess import peak_pixels, photo_tensor, tensor_transform
 from vitattn.statistics import StatsReducer, StatsState, merge_states, stat_names
 from vitattn.stats_report import (
+    PARTIAL,
     DatasetStats,
     check_settings,
     compact,
+    part_files,
     read_partial,
     remove_parts,
+    report_lock,
     write_part,
     write_report,
 )
@@ -120,8 +123,9 @@ def infer(
 
 
 def input_key(path: str) -> str:
-    """How an input is known in ``partial/``: its absolute path."""
-    return os.path.abspath(path)
+    """How an input is known in ``partial/``: its resolved absolute path (the same file under another name
+    or from another folder is the same input)."""
+    return os.path.realpath(path)
 
 
 @dataclass
@@ -248,6 +252,23 @@ class StatsRun:
             stdin=self.stdin,
             exclude=[out],
         )
+        with report_lock(out):
+            self._open()
+            yield from self._outcomes(items)
+            self._finish()
+
+    def _open(self) -> None:
+        """Under the report's lock: start afresh (overwrite), or read what the report counts already."""
+        out = self.stats.out
+        if self.stats.overwrite:
+            remove_parts(p for _, p in part_files(out / PARTIAL))
+            self.job.done = set()
+            return
+        partial = read_partial(out)
+        check_settings(out, partial.settings, self.record)
+        self.job.done = partial.inputs
+
+    def _outcomes(self, items: Iterable[InputItem]) -> Generator[Outcome, None, None]:
         opts = self.run
         window = max(2, opts.batch_size * 2)
         last_save = time.monotonic()
@@ -277,7 +298,6 @@ class StatsRun:
                 pool.shutdown(wait=True, cancel_futures=True)
         finally:
             self._save()
-        self._finish()
 
     def job_capture(self) -> contextlib.AbstractContextManager[AttentionCapture]:
         return stats_capture(self.loaded, self.settings)
@@ -380,15 +400,9 @@ def start_stats(
     run = run or RunOptions()
     record = stats_settings(loaded, settings)
     prepare_out_root(stats.out)
-    partial = read_partial(stats.out) if not stats.overwrite else None
-    if partial is not None:
-        check_settings(stats.out, partial.settings, record)
-    else:
-        from vitattn.stats_report import PARTIAL, part_files
-
-        remove_parts(p for _, p in part_files(stats.out / PARTIAL))
-    done = partial.inputs if partial is not None else set()
-    job = StatsJob(loaded, settings, run, done)
+    if not stats.overwrite:  # fail early; the run checks again under the report's lock
+        check_settings(stats.out, read_partial(stats.out).settings, record)
+    job = StatsJob(loaded, settings, run, set())
     return StatsRun(loaded=loaded, settings=settings, job=job, record=record, inputs=inputs, stats=stats, run=run,
                     stdin=stdin)
 
