@@ -10,6 +10,7 @@ Report folder::
     REPORT/prefix_mass.png          block × head tables of the attention patch queries give prefix tokens
     REPORT/class_maps.png           the mean fused query map per predicted class, and overall
     REPORT/partial/part-NNNNNN.json running sums and the inputs they count (the mergeable state)
+    REPORT/partial/.lock            held (flock) by the one run adding to the report
 
 Every ``partial/`` file holds a :class:`~vitattn.statistics.StatsState` and the inputs it counts, and the
 report is the merge of all of them. A file that merges others names them in ``replaces``; those are then
