@@ -44,14 +44,19 @@ if TYPE_CHECKING:
         QueryKind,
         RenderOptions,
         RunOptions,
+        StatsOptions,
     )
     from vitattn.overlays import mask_overlay, overlay
+    from vitattn.statistics import StatsState
+    from vitattn.stats_report import DatasetStats
+    from vitattn.stats_run import dataset_stats, start_stats
 
 _EXPORTS = {
     "AttentionCapture": "vitattn.capture",
     "AttentionOptions": "vitattn.options",
     "BlockMaps": "vitattn.attention",
     "CaptureError": "vitattn.errors",
+    "DatasetStats": "vitattn.stats_report",
     "DEFAULT_MODEL": "vitattn.options",
     "HeadFusion": "vitattn.options",
     "HeatmapRun": "vitattn.heatmap",
@@ -72,6 +77,8 @@ _EXPORTS = {
     "QueryKind": "vitattn.options",
     "RenderOptions": "vitattn.options",
     "RunOptions": "vitattn.options",
+    "StatsOptions": "vitattn.options",
+    "StatsState": "vitattn.statistics",
     "TokenLayout": "vitattn.models",
     "UnsupportedModelError": "vitattn.errors",
     "UsageError": "vitattn.errors",
@@ -79,6 +86,7 @@ _EXPORTS = {
     "WeightsUnavailableError": "vitattn.errors",
     "attention_rollout": "vitattn.maps",
     "colormap_lut": "vitattn.colors",
+    "dataset_stats": "vitattn.stats_run",
     "describe": "vitattn.models",
     "explain": "vitattn.explainer",
     "grad_rollout": "vitattn.maps",
@@ -90,6 +98,7 @@ _EXPORTS = {
     "overlay": "vitattn.overlays",
     "scale_maps": "vitattn.colors",
     "start_heatmap": "vitattn.heatmap",
+    "start_stats": "vitattn.stats_run",
     "supported_models": "vitattn.models",
     "wrap_model": "vitattn.models",
 }
@@ -114,6 +123,7 @@ __all__ = [
     "AttentionOptions",
     "BlockMaps",
     "CaptureError",
+    "DatasetStats",
     "HeadFusion",
     "HeatmapRun",
     "ImageAttention",
@@ -133,6 +143,8 @@ __all__ = [
     "QueryKind",
     "RenderOptions",
     "RunOptions",
+    "StatsOptions",
+    "StatsState",
     "TokenLayout",
     "UnsupportedModelError",
     "UsageError",
@@ -140,6 +152,7 @@ __all__ = [
     "WeightsUnavailableError",
     "attention_rollout",
     "colormap_lut",
+    "dataset_stats",
     "describe",
     "explain",
     "grad_rollout",
@@ -151,6 +164,7 @@ __all__ = [
     "overlay",
     "scale_maps",
     "start_heatmap",
+    "start_stats",
     "supported_models",
     "wrap_model",
 ]
