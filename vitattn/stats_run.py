@@ -159,6 +159,12 @@ class StatsJob:
     def prepare(self, item: InputItem) -> _Prepared | Outcome:
         if item.error is not None:
             return self.error(item, item.error)
+        if item.duplicate_of is not None:  # the same file again: counted once
+            from vitattn.errors import display_path
+
+            record = {**self.record(item, "skipped"), "duplicate_of": display_path(item.duplicate_of)}
+            note = f"the same file as {record['duplicate_of']}: counted once"
+            return Outcome(item, "skipped", record, warnings=[note])
         key = input_key(item.path)
         if key in self.done:
             return Outcome(item, "skipped", self.record(item, "skipped"))
