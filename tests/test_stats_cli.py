@@ -337,3 +337,17 @@ def test_demo_class_maps_peak_on_the_objects_more_than_random_weights() -> None:
         results[pretrained] = float(np.mean(hits))
     assert results[True] >= 0.8, results
     assert results[True] > results[False] + 0.15, results
+
+
+def test_the_same_file_twice_is_counted_once(photos: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    args = ["stats", str(photos[0]), str(photos[1]), str(photos[0]), "-o", str(out), *FAST, "--json"]
+    code, stdout, stderr = invoke(args)
+    assert code == 0, stderr
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert [(r["status"], r.get("duplicate_of")) for r in lines[:-1]] == [
+        ("ok", None),
+        ("ok", None),
+        ("skipped", str(photos[0])),
+    ]
+    assert lines[-1]["images"] == 2 and stats_of(out)["images"] == 2
