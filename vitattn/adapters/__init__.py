@@ -9,6 +9,7 @@ an adapter here (and its reference test in ``tests/test_families.py``).
 | adapter         | models                                | sites                        | natural query          |
 |-----------------|---------------------------------------|------------------------------|------------------------|
 | class-attention | CaiT, XCiT                            | the class-attention blocks   | cls                    |
+| vit-encoder     | Qwen3-ViT, DeepSeek-ViT classifiers   | encoder.blocks[i].attn       | patch-mean             |
 | vit             | ViT, DeiT, BEiT, EVA, relpos, hybrids | blocks[i].attn (+ attn_pool) | cls, pool or patch-mean |
 """
 
@@ -28,49 +29,20 @@ if TYPE_CHECKING:
 __all__ = ["ADAPTERS", "Adapter", "Family", "Site", "TokenLayout", "capture_family", "read_family", "support"]
 
 #: In order: the first adapter that claims a model reads it.
-ADAPTERS: tuple[Adapter, ...] = (ClassAttentionAdapter(), VitAdapter())
+ADAPTERS: tuple[Adapter, ...] = (
+    ClassAttentionAdapter(),
+    VitAdapter("vit-encoder", root="encoder", encoders=("Qwen3VitEncoder", "DeepseekVitEncoder")),
+    VitAdapter(),
+)
 
-#: Why a family no adapter claims is not read, by the timm module defining it (``vitattn models --all``).
-NOT_YET: dict[str, str] = {
-    "swin_transformer": "windowed attention (windows stitched back with the shift undone) has no adapter yet",
-    "swin_transformer_v2": "windowed attention (windows stitched back with the shift undone) has no adapter yet",
-    "swin_transformer_v2_cr": "windowed attention (windows stitched back with the shift undone) has no adapter yet",
-    "maxxvit": "window and grid attention (MaxViT, CoAtNet) has no adapter yet",
-    "tiny_vit": "windowed attention has no adapter yet",
-    "davit": "window and channel attention has no adapter yet",
-    "gcvit": "windowed global-context attention has no adapter yet",
-    "hiera": "mask-unit windowed attention has no adapter yet",
-    "pvt_v2": "reduced-key attention (spatial-reduction keys) has no adapter yet",
-    "twins": "locally-grouped and reduced-key attention has no adapter yet",
-    "nextvit": "reduced-key attention has no adapter yet",
-    "pit": "pooling stages with per-stage class tokens have no adapter yet",
-    "crossvit": "two-branch cross attention has no adapter yet",
-    "levit": "attention with reduced stages has no adapter yet",
-    "mvitv2": "pooled multi-scale attention has no adapter yet",
-    "volo": "outlook attention with class-attention post-network has no adapter yet",
-    "convit": "gated positional self-attention has no adapter yet",
-    "efficientformer": "a final-stage attention over the pooled grid has no adapter yet",
-    "efficientformer_v2": "attention over pooled stages has no adapter yet",
-    "naflexvit": "variable-resolution patch sequences have no adapter yet",
-    "vitamin": "hybrid stages before the ViT blocks have no adapter yet",
-    "fastvit": "attention in the last stages of a convolutional network has no adapter yet",
-    "mobilevit": "attention over unfolded patches has no adapter yet",
-    "metaformer": "attention stages of a MetaFormer have no adapter yet",
-    "byobnet": "self-attention inside convolutional stages (BoTNet, HaloNet) has no adapter yet",
-    "byoanet": "self-attention inside convolutional stages (BoTNet, HaloNet) has no adapter yet",
-    "sam": "windowed ViTDet blocks have no adapter yet",
-}
+_ATTENTION_NAMES = ("attention", "attn", "mhsa", "gpsa")
 
 
-def _module_of(model: nn.Module) -> str:
-    return type(model).__module__.rsplit(".", 1)[-1]
-
-
-def has_token_attention(model: nn.Module) -> bool:
+def has_attention_layers(model: nn.Module) -> bool:
     """True when some submodule looks like an attention layer (its class name, or a ``fused_attn`` flag)."""
     for m in model.modules():
         name = type(m).__name__.lower()
-        if hasattr(m, "fused_attn") or "attention" in name or "attn" in name:
+        if hasattr(m, "fused_attn") or any(a in name for a in _ATTENTION_NAMES):
             return True
     return False
 
@@ -81,9 +53,12 @@ def support(model: nn.Module) -> tuple[Adapter | None, str | None]:
         if adapter.claims(model):
             why = adapter.refusal(model)
             return (None, why) if why else (adapter, None)
-    if not has_token_attention(model):
+    if not has_attention_layers(model):
         return None, "it has no attention layers (a convolutional or MLP network)"
-    return None, NOT_YET.get(_module_of(model), f"its attention ({type(model).__name__}) has no adapter yet")
+    from vitattn.coverage import NOT_YET
+
+    entry = NOT_YET.get(type(model).__module__.rsplit(".", 1)[-1])
+    return None, entry[0] if entry else f"its attention ({type(model).__name__}) has no adapter yet"
 
 
 def read_family(model: nn.Module, name: str = "") -> Family:
