@@ -198,3 +198,75 @@ def test_differential_attention_is_refused_in_one_line() -> None:
     with pytest.raises(UnsupportedModelError, match="differential attention") as info:
         load_model("vit_dwee_patch16_reg1_gap_256", pretrained=False, device="cpu", model_kwargs={"depth": 1})
     assert "\n" not in str(info.value)
+
+
+#: Families whose attention applies rotary embeddings or runs behind a convolutional stem: the reference is
+#: timm's own unfused path on a copy (every site module switched to it), its 4-D softmax outputs recorded.
+UNFUSED: dict[str, tuple[dict[str, Any], str, tuple[int, int]]] = {
+    "qwen3_vit_88m": (  # axial RoPE, no prefix tokens
+        {**TINY, "depth": 3, "img_size": 224, "pretrained_cfg_overlay": {"input_size": (3, 224, 224)}},
+        "vit-encoder",
+        (14, 14),
+    ),
+    "vitamin_small_224": ({"depth": 3}, "vit", (14, 14)),  # MbConv stem: the grid from patch_embed.grid_size
+}
+
+
+@functools.cache
+def tiny_unfused(name: str) -> LoadedModel:
+    torch.manual_seed(0)
+    loaded = load_model(name, pretrained=False, device="cpu", model_kwargs=UNFUSED[name][0])
+    with torch.no_grad():
+        for site in loaded.sites:  # peaked attention, as in tiny()
+            loaded.model.get_submodule(site.path).qkv.weight.mul_(10.0)
+    return loaded
+
+
+def unfused_reference(loaded: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model = copy.deepcopy(loaded.model)
+    for site in loaded.sites:
+        model.get_submodule(site.path).fused_attn = False
+    recorded: list[torch.Tensor] = []
+    original = torch.Tensor.softmax
+
+    def recording(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = original(self, *args, **kwargs)
+        if out.dim() == 4:
+            recorded.append(out)
+        return out
+
+    torch.Tensor.softmax = recording  # type: ignore[method-assign]
+    try:
+        with torch.inference_mode():
+            logits = model(x)
+    finally:
+        torch.Tensor.softmax = original  # type: ignore[method-assign]
+    assert len(recorded) == len(loaded.sites)
+    return logits, recorded
+
+
+@pytest.mark.parametrize("unfused_name", sorted(UNFUSED))
+def test_maps_equal_timm_unfused_attention(unfused_name: str) -> None:
+    _, adapter, grid = UNFUSED[unfused_name]
+    loaded = tiny_unfused(unfused_name)
+    assert loaded.adapter == adapter and loaded.grid == grid and str(loaded.default_query) == "patch-mean"
+    x = picture(loaded)
+    expected_logits, attns = unfused_reference(loaded, x)
+    assert all(float(a.amax()) > 4 / a.shape[-1] for a in attns)
+    gh, gw = grid
+    for query in ("patch-mean", f"patch:{gh - 1},{gw // 2}"):
+        settings = resolve_settings(loaded, AttentionOptions(blocks=[0, 1, 2], query=query, top_k=0))
+        with capturing(loaded, settings) as cap:
+            results = forward_batch(loaded, cap, x, settings)
+        for b in (0, 1, 2):
+            attn = attns[b]  # (B, H, N, N), no prefix tokens
+            rows = attn.mean(dim=2) if query == "patch-mean" else attn[:, :, (gh - 1) * gw + gw // 2, :]
+            for i in range(x.shape[0]):
+                got = torch.from_numpy(results[i].blocks[b].heads)
+                torch.testing.assert_close(got, rows[i].reshape(-1, gh, gw), atol=1e-5, rtol=1e-4)
+    with AttentionCapture(loaded.model, [0, 2], family=loaded.family) as cap, torch.inference_mode():
+        logits, _ = cap.run(x)
+    assert logits is not None
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-4)
+    for m in loaded.model.modules():
+        assert not m._forward_hooks
