@@ -470,23 +470,15 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
 def supported_models(pattern: str = "", *, pretrained: bool = False) -> list[str]:
     """timm model names (optionally matching a wildcard ``pattern``, in any case) that vitattn can handle.
 
-    Decided without building each model: the families built on timm's ViT-style classes, less the variants
-    whose blocks run attention inside a fused parallel block (no ``block.attn``), which
-    :func:`token_layout` refuses. ``tests/test_models.py`` checks both sides on the meta device.
-    With ``pretrained``, only architectures that have pretrained weights (a timm pretrained tag).
+    Decided without building each model, from :mod:`vitattn.coverage` (the families an adapter reads, less
+    the variants it refuses); ``tests/test_census.py`` checks that table on every architecture on the meta
+    device. With ``pretrained``, only architectures that have pretrained weights (a timm pretrained tag).
     """
-    import fnmatch
-
     import timm
 
-    names: list[str] = []
-    for module in _SUPPORTED_MODULES:
-        names.extend(timm.list_models(pattern.lower() or "*", module=module))  # timm's names are lower case
-    keep = {n for n in names if not any(fnmatch.fnmatch(n, x) for x in _PARALLEL_BLOCK_MODELS)}
+    from vitattn.coverage import census
+
+    keep = {s.name for s in census(pattern) if s.supported}
     if pretrained:
         keep &= {tag.split(".")[0] for tag in timm.list_models(pattern.lower() or "*", pretrained=True)}
     return sorted(keep)
-
-
-_SUPPORTED_MODULES = ("vision_transformer", "deit", "beit", "eva", "vision_transformer_relpos")
-_PARALLEL_BLOCK_MODELS = ("*_18x2_*", "*_xp_*", "vit_pwee_*", "vit_dpwee_*")
