@@ -37,6 +37,14 @@ MODELS: dict[str, tuple[dict[str, Any], str, tuple[str, ...], str, tuple[int, in
         (14, 14),
     ),
     "vit_base_patch16_siglip_224": ({**TINY, "depth": 2}, "vit", ("self", "self", "pool"), "pool", (14, 14)),
+    # EVA's attention-pool head sees the class token too, and has 8 heads where the blocks have 2
+    "vit_pe_core_tiny_patch16_384": (
+        {**TINY, "depth": 2, "img_size": 224, "pretrained_cfg_overlay": {"input_size": (3, 224, 224)}},
+        "vit",
+        ("self", "self", "pool"),
+        "pool",
+        (14, 14),
+    ),
     # hybrid: a ResNet stem of stride 16, then 8-pixel patches of its features: a 7x7 grid (not 224 / 8)
     "vit_tiny_r_s16_p8_224": ({"depth": 3}, "vit", ("self",) * 3, "cls", (7, 7)),
 }
@@ -82,8 +90,21 @@ def explicit_attention(module: torch.nn.Module, kind: str, x: torch.Tensor) -> t
     return (q @ k.transpose(-2, -1) * module.scale).softmax(dim=-1)  # (B, H, Q, N)
 
 
+#: Models whose self-attention applies rotary embeddings (EVA / PE): there the blocks' reference is timm's
+#: own unfused path (:func:`unfused_reference`); their other sites keep the explicit computation.
+ROTARY = {"vit_pe_core_tiny_patch16_384"}
+
+
 def reference(loaded: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits and every site's attention (B, H, Q, N), from the inputs its module received on a copy."""
+    if loaded.spec in ROTARY:
+        _, unfused = unfused_reference(loaded, x)
+        logits, explicit = _explicit_reference(loaded, x)
+        return logits, [u if s.kind == "self" else e for s, u, e in zip(loaded.sites, unfused, explicit, strict=True)]
+    return _explicit_reference(loaded, x)
+
+
+def _explicit_reference(loaded: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model = copy.deepcopy(loaded.model)
     inputs: dict[str, torch.Tensor] = {}
     handles = [
@@ -94,7 +115,12 @@ def reference(loaded: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, list[
     ]
     with torch.inference_mode():
         logits = model(x)
-        attns = [explicit_attention(model.get_submodule(s.path), s.kind, inputs[s.path]) for s in loaded.sites]
+        attns = [
+            explicit_attention(model.get_submodule(s.path), s.kind, inputs[s.path])
+            if s.kind != "self" or loaded.spec not in ROTARY
+            else torch.empty(0)
+            for s in loaded.sites
+        ]
     for handle in handles:
         handle.remove()
     return logits, attns
@@ -179,6 +205,14 @@ def test_negative_blocks_count_among_the_blocks_that_offer_the_query() -> None:
         resolve_settings(loaded, AttentionOptions(blocks=[2], query="patch-mean"))
     with pytest.raises(UsageError, match="this model has no cls token"):
         resolve_settings(loaded, AttentionOptions(query="cls"))
+
+
+def test_blocks_with_other_head_counts_need_the_heads_named() -> None:
+    loaded = tiny("vit_pe_core_tiny_patch16_384")  # blocks: 2 heads; the pool head: 8
+    assert resolve_settings(loaded).heads == tuple(range(8))
+    assert resolve_settings(loaded, AttentionOptions(query="cls")).heads == (0, 1)
+    with pytest.raises(UsageError, match=r"head 5 is out of range: the chosen blocks have 2 heads"):
+        resolve_settings(loaded, AttentionOptions(blocks=[0], query="cls", heads=[5]))
 
 
 def test_methods_that_chain_blocks_refuse_other_kinds_of_attention() -> None:

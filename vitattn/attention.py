@@ -111,11 +111,7 @@ def resolve_settings(loaded: LoadedModel, options: AttentionOptions | None = Non
             f"target class {o.target_class} is out of range: this model has {n} classes (0..{n - 1})",
             option="target_class",
         )
-    heads = tuple(loaded.resolve_heads(list(o.heads) if o.heads is not None else None))
-    for b in resolved:
-        if heads and max(heads) >= sites[b].heads:
-            n = sites[b].heads
-            raise UsageError(f"head {max(heads)} is out of range: block {b} has {n} heads (0..{n - 1})", option="heads")
+    heads = _resolve_heads(loaded, o.heads, resolved)
     return Settings(
         blocks=resolved,
         query=query,
@@ -151,6 +147,26 @@ def _resolve_block(loaded: LoadedModel, block: int, query: Query, offering: tupl
             option="blocks",
         )
     return index
+
+
+def _resolve_heads(loaded: LoadedModel, heads: tuple[int, ...] | None, blocks: tuple[int, ...]) -> tuple[int, ...]:
+    """Head indices valid in every chosen block (all of them when None; the blocks must then agree)."""
+    counts = sorted({loaded.sites[b].heads for b in blocks})
+    if heads is None:
+        if len(counts) > 1:
+            raise UsageError(
+                f"blocks {_spans(blocks)} have different numbers of heads ({', '.join(map(str, counts))}): "
+                "choose blocks of one kind, or the heads to show",
+                option="heads",
+            )
+        return tuple(range(counts[0]))
+    n = counts[0]
+    bad = [h for h in heads if not 0 <= h < n]
+    if bad:
+        raise UsageError(
+            f"head {bad[0]} is out of range: the chosen blocks have {n} heads (0..{n - 1})", option="heads"
+        )
+    return tuple(dict.fromkeys(heads))
 
 
 def _spans(indices: tuple[int, ...]) -> str:

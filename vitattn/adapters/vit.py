@@ -100,7 +100,8 @@ class VitAdapter:
         ]
         pool: Any = getattr(model, "attn_pool", None)
         if type(pool).__name__ == "AttentionPoolLatent":
-            keys = roles if getattr(model, "pool_include_prefix", False) else ()
+            # VisionTransformer may drop the prefix tokens before its pool; EVA's pool sees every token
+            keys = roles if getattr(model, "pool_include_prefix", True) else ()
             n = int(pool.latent_len)
             queries = ("pool", *(f"pool{i}" for i in range(1, n)))
             pool_layout = TokenLayout(roles=keys, patch_size=stride, queries=queries)
