@@ -50,7 +50,7 @@ class Settings:
         query: whose attention (the model's natural query when none was asked for).
         heads: head indices kept.
         top_k: predictions to report (0: none, and the forward pass may stop after the last block).
-        grid: (rows, cols) of the patch grid at the model's input size.
+        grid: (rows, cols) of the chosen blocks' patch grid at the model's input size (a stage's, for Swin).
         precision: forward-pass precision.
         method: ``raw``, ``rollout`` or ``grad-rollout``.
         fuse: how heads are combined: the fused raw map, and each block's heads in ``rollout``.
@@ -97,8 +97,14 @@ def resolve_settings(loaded: LoadedModel, options: AttentionOptions | None = Non
         resolved = offering
     else:
         resolved = tuple(sorted({_resolve_block(loaded, b, query, offering) for b in o.blocks}))
-    grid = loaded.grid
-    for b in resolved:
+    grids = {b: sites[b].layout.grid_for(loaded.input_size) for b in resolved}  # a stage's, for hierarchies
+    if len(set(grids.values())) > 1:
+        shown = ", ".join(f"{gh}×{gw}" for gh, gw in sorted(set(grids.values()), reverse=True))
+        raise UsageError(
+            f"blocks {_spans(resolved)} lie on different grids ({shown}): choose blocks of one stage", option="blocks"
+        )
+    grid = grids[resolved[0]]
+    for b in resolved:  # a patch query is in the blocks' own grid
         check_query(query, sites[b].layout, grid)
     if o.method is not Method.raw:
         _check_method(loaded, o.method, resolved)
@@ -345,7 +351,8 @@ def capturing(loaded: LoadedModel, settings: Settings) -> Iterator[AttentionCapt
         return
 
     def reduce(block: int, attn: torch.Tensor) -> torch.Tensor:
-        return query_rows(attn, query, sites[block].layout, grid).float()  # (B, H, N)
+        keys = sites[block].layout
+        return query_rows(attn, query, keys, keys.grid_for(loaded.input_size)).float()  # (B, H, N)
 
     stop = settings.top_k == 0
     with AttentionCapture(loaded.model, settings.blocks, reduce=reduce, stop_early=stop, family=family) as cap:
@@ -388,7 +395,8 @@ def forward_batch(
     """Run one preprocessed batch ``x`` (B, 3, H, W) through the model inside a capture scope."""
     import torch
 
-    grid = loaded.layout.grid_for((int(x.shape[-2]), int(x.shape[-1])))
+    input_hw = (int(x.shape[-2]), int(x.shape[-1]))
+    grid = loaded.sites[settings.blocks[0]].layout.grid_for(input_hw)  # every chosen block's (resolve_settings)
     head_index = torch.tensor(settings.heads)
     n = x.shape[0]
     logits, captured, method_rows, targets = _run(loaded, cap, x, settings)

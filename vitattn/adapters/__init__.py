@@ -9,6 +9,7 @@ an adapter here (and its reference test in ``tests/test_families.py``).
 | adapter         | models                                | sites                        | natural query          |
 |-----------------|---------------------------------------|------------------------------|------------------------|
 | class-attention | CaiT, XCiT                            | the class-attention blocks   | cls                    |
+| swin            | Swin v1                               | layers[s].blocks[j] (windows) | patch-mean            |
 | vit-encoder     | Qwen3-ViT, DeepSeek-ViT classifiers   | encoder.blocks[i].attn       | patch-mean             |
 | vit             | ViT, DeiT, BEiT, EVA, relpos, hybrids | blocks[i].attn (+ attn_pool) | cls, pool or patch-mean |
 """
@@ -21,6 +22,7 @@ from vitattn.adapters.base import Adapter, Family, Site, TokenLayout
 from vitattn.adapters.classattn import ClassAttentionAdapter
 from vitattn.adapters.readers import DropoutReader
 from vitattn.adapters.vit import VitAdapter
+from vitattn.adapters.windows import SwinAdapter
 from vitattn.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ __all__ = ["ADAPTERS", "Adapter", "Family", "Site", "TokenLayout", "capture_fami
 #: In order: the first adapter that claims a model reads it.
 ADAPTERS: tuple[Adapter, ...] = (
     ClassAttentionAdapter(),
+    SwinAdapter(),
     VitAdapter("vit-encoder", root="encoder", encoders=("Qwen3VitEncoder", "DeepseekVitEncoder")),
     VitAdapter(),
 )
