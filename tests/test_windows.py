@@ -183,3 +183,68 @@ def test_swin_maps_equal_the_written_out_window_attention() -> None:
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-4)
     for m in loaded.model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def stitched_by_hand(
+    win: torch.Tensor, grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]
+) -> torch.Tensor:
+    """(B * nW, H, w, w) window attention -> (B, H, N, N), walking the shifted grid window by window (no padding)."""
+    (gh, gw), (wh, ww) = grid, window
+    n_win = (gh // wh) * (gw // ww)
+    b, heads = win.shape[0] // n_win, win.shape[1]
+    out = torch.zeros(b, heads, gh * gw, gh * gw)
+    k_win = 0
+    for wy in range(0, gh, wh):
+        for wx in range(0, gw, ww):
+            cells = [(wy + i, wx + j) for i in range(wh) for j in range(ww)]
+            index = torch.tensor([((cy + shift[0]) % gh) * gw + (cx + shift[1]) % gw for cy, cx in cells])
+            for bi in range(b):
+                out[bi, :, index[:, None], index[None, :]] = win[bi * n_win + k_win]
+            k_win += 1
+    return out
+
+
+SWIN2 = "swinv2_tiny_window8_256"
+SWIN2_KWARGS = {
+    "img_size": (64, 128),  # stage grids 16x32 and 8x16: 2x4 and 1x2 windows of 8x8
+    "embed_dim": 16,
+    "depths": (2, 2),
+    "num_heads": (1, 2),
+    "pretrained_cfg_overlay": {"input_size": (3, 64, 128)},
+}
+
+
+def test_swin_v2_maps_equal_timm_window_softmax_stitched_by_hand() -> None:
+    torch.manual_seed(0)
+    loaded = load_model(SWIN2, pretrained=False, device="cpu", model_kwargs=SWIN2_KWARGS)
+    assert loaded.adapter == "swin" and loaded.depth == 4
+    x = torch.randn(2, 3, *loaded.input_size, generator=torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(loaded.model)
+    windows: dict[int, torch.Tensor] = {}
+    grids: dict[int, tuple[int, int]] = {}
+    handles = []
+    for i, s in enumerate(loaded.sites):
+        blk = ref.get_submodule(s.path)
+        handles.append(blk.register_forward_pre_hook(lambda m, a, i=i: grids.__setitem__(i, tuple(a[0].shape[1:3]))))
+        handles.append(blk.attn.softmax.register_forward_hook(lambda m, a, o, i=i: windows.__setitem__(i, o)))
+    with torch.inference_mode():
+        expected_logits = ref(x)
+    for h in handles:
+        h.remove()
+    for b in range(4):
+        blk = ref.get_submodule(loaded.sites[b].path)
+        gh, gw = grids[b]
+        expected = stitched_by_hand(windows[b], (gh, gw), tuple(blk.window_size), tuple(blk.shift_size))
+        for query in ("patch-mean", f"patch:{gh - 1},{gw // 2}"):
+            settings = resolve_settings(loaded, AttentionOptions(blocks=[b], query=query, top_k=0))
+            with capturing(loaded, settings) as cap:
+                results = forward_batch(loaded, cap, x, settings)
+            rows = expected.mean(dim=2) if query == "patch-mean" else expected[:, :, (gh - 1) * gw + gw // 2, :]
+            for i in range(2):
+                got = torch.from_numpy(results[i].blocks[b].heads)
+                torch.testing.assert_close(got, rows[i].reshape(-1, gh, gw), atol=1e-5, rtol=1e-4)
+    assert any(any(ref.get_submodule(s.path).shift_size) for s in loaded.sites)
+    with AttentionCapture(loaded.model, [0, 1], family=loaded.family) as cap, torch.inference_mode():
+        logits, _ = cap.run(x)
+    assert logits is not None
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-4)

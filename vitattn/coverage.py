@@ -34,6 +34,7 @@ SUPPORTED_MODULES: dict[str, str] = {
     "qwen3_vit": "vit-encoder",
     "deepseek_vit": "vit-encoder",
     "swin_transformer": "swin",
+    "swin_transformer_v2": "swin",
     "cait": "class-attention",
     "xcit": "class-attention",
 }
@@ -52,7 +53,6 @@ _WINDOWS = "windowed attention (windows stitched back onto the grid, shift undon
 
 #: Attention-bearing families without an adapter: module -> (reason, name patterns or None for all).
 NOT_YET: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "swin_transformer_v2": (_WINDOWS, None),
     "swin_transformer_v2_cr": (_WINDOWS, None),
     "tiny_vit": (_WINDOWS, None),
     "gcvit": ("windowed global-context attention has no adapter yet", None),

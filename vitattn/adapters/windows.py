@@ -1,4 +1,4 @@
-"""Windowed self-attention (Swin v1): each patch attends within its window, on a cyclically shifted grid.
+"""Windowed self-attention (Swin v1, v2): each patch attends within its window, on a cyclically shifted grid.
 
 A Swin block rolls its stage grid by ``-shift``, pads it to whole windows, cuts it into ``wh x ww`` windows
 and runs attention in each. Its ``attn_drop`` input (the unfused path, as for ViT) is ``(B * nW, H, w, w)``
@@ -76,8 +76,9 @@ class WindowReader:
 
     def attach(self, module: Any, deliver: Deliver) -> Callable[[], None]:
         attn = module.attn
-        saved = attn.fused_attn
-        attn.fused_attn = False
+        saved = getattr(attn, "fused_attn", None)  # Swin v2 has no fused path
+        if saved is not None:
+            attn.fused_attn = False
         grid: list[tuple[int, int]] = []
 
         def pre(_: Any, args: tuple[Any, ...]) -> None:
@@ -93,24 +94,27 @@ class WindowReader:
             handles.append(attn.attn_drop.register_forward_hook(hook))
         except BaseException:
             handles[0].remove()
-            attn.fused_attn = saved
+            if saved is not None:
+                attn.fused_attn = saved
             raise
 
         def release() -> None:
             for handle in handles:
                 handle.remove()
-            attn.fused_attn = saved
+            if saved is not None:
+                attn.fused_attn = saved
 
         return release
 
 
 class SwinAdapter:
-    """Swin Transformer v1 (timm ``SwinTransformer``): windowed attention in stages (see the module docstring)."""
+    """Swin Transformer v1 and v2 (timm ``SwinTransformer``, ``SwinTransformerV2``): windowed attention in
+    stages (see the module docstring); v2's cosine attention is read at the same place."""
 
     name = "swin"
 
     def claims(self, model: nn.Module) -> bool:
-        return type(model).__name__ == "SwinTransformer"
+        return type(model).__name__ in ("SwinTransformer", "SwinTransformerV2")
 
     def refusal(self, model: nn.Module) -> str | None:
         return None
