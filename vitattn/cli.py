@@ -556,11 +556,11 @@ def info(
 
 
 def _site_key(site: dict[str, Any]) -> tuple[Any, ...]:
-    return site["kind"], site["prefix_tokens"], site["queries"], site["heads"]
+    return site["kind"], site["prefix_tokens"], site["queries"], site["heads"], site["grid"]
 
 
 def _site_lines(sites: list[dict[str, Any]]) -> list[str]:
-    """``info``'s blocks: runs of blocks with the same module kind, prefix and queries shown once."""
+    """``info``'s blocks: runs of blocks with the same kind, prefix, queries, heads and grid shown once."""
     lines: list[str] = []
     i = 0
     while i < len(sites):
@@ -570,7 +570,10 @@ def _site_lines(sites: list[dict[str, Any]]) -> list[str]:
             j += 1
         span = str(i) if i == j else f"{i}..{j}"
         module = sites[i]["module"] if i == j else f"{sites[i]['module']} .. {sites[j]['module']}"
-        lines.append(f"blocks {span:<7} {module}: {key[0]} attention, {key[3]} heads, queries {', '.join(key[2])}")
+        lines.append(
+            f"blocks {span:<7} {module}: {key[0]} attention, {key[3]} heads, {key[4][0]}×{key[4][1]} grid, "
+            f"queries {', '.join(key[2])}"
+        )
         i = j + 1
     return lines
 

@@ -461,6 +461,7 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
                 "heads": s.heads,
                 "prefix_tokens": list(s.layout.roles),
                 "queries": list(s.layout.query_names()),
+                "grid": list(s.layout.grid_for(loaded.input_size)),
             }
             for i, s in enumerate(loaded.sites)
         ],
