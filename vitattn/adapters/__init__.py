@@ -4,14 +4,14 @@ An adapter (:class:`~vitattn.adapters.base.Adapter`) claims a model from its str
 one line, and otherwise describes it as a :class:`~vitattn.adapters.base.Family`: its attention sites in
 forward order (what ``--block`` indexes), each with its token layout and reader, and the family's natural
 query. The first adapter in :data:`ADAPTERS` that claims a model is the one used; adding a family is adding
-an adapter here (and its reference test in ``tests/test_families.py``).
+an adapter here (and its reference test in ``tests/test_families.py`` or ``tests/test_windows.py``).
 
-| adapter         | models                                | sites                        | natural query          |
-|-----------------|---------------------------------------|------------------------------|------------------------|
-| class-attention | CaiT, XCiT                            | the class-attention blocks   | cls                    |
-| swin            | Swin v1                               | layers[s].blocks[j] (windows) | patch-mean            |
-| vit-encoder     | Qwen3-ViT, DeepSeek-ViT classifiers   | encoder.blocks[i].attn       | patch-mean             |
-| vit             | ViT, DeiT, BEiT, EVA, relpos, hybrids | blocks[i].attn (+ attn_pool) | cls, pool or patch-mean |
+| adapter         | models                                | sites                         | natural query           |
+|-----------------|---------------------------------------|-------------------------------|-------------------------|
+| class-attention | CaiT, XCiT                            | the class-attention blocks    | cls                     |
+| swin            | Swin v1, v2                           | layers[s].blocks[j] (windows) | patch-mean              |
+| vit-encoder     | Qwen3-ViT, DeepSeek-ViT classifiers   | encoder.blocks[i].attn        | patch-mean              |
+| vit             | ViT, DeiT, BEiT, EVA, relpos, hybrids | blocks[i].attn (+ attn_pool)  | cls, pool or patch-mean |
 """
 
 from __future__ import annotations
