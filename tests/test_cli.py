@@ -270,9 +270,8 @@ def test_grid_tiles_are_the_written_overlays(tmp_path: Path) -> None:
     sizes = []
     for max_side in ("512", "300"):
         out = tmp_path / max_side
-        code, stdout, stderr = invoke(
-            ["heatmap", str(photo), "-o", str(out), *MODEL, "--max-side", max_side, "--top-k", "0", "--json"]
-        )
+        code, stdout, stderr = invoke(["heatmap", str(photo), "-o", str(out), *MODEL, "--max-side", max_side,
+                                       "--top-k", "0", "--json"])
         assert code == 0, stderr
         rec = json.loads(stdout)
         with Image.open(rec["files"]["grid"]) as im:

@@ -326,7 +326,6 @@ def test_gradients_are_paired_with_their_own_block() -> None:
 
 # -- whole models against the references -----------------------------------------------------------------
 
-
 @pytest.fixture(scope="module", params=METHOD_FAMILIES)
 def family(request: pytest.FixtureRequest) -> tuple[LoadedModel, torch.Tensor]:
     loaded = tiny_model(request.param)
@@ -352,8 +351,7 @@ def test_rollout_equals_the_reference(family: tuple[LoadedModel, torch.Tensor]) 
     cases = [("mean", None, query), ("max", 0.5, f"patch:{grid[0] - 1},{grid[1] // 2}"), ("min", 0.9, "patch-mean")]
     for fuse, ratio, q in cases:
         settings = resolve_settings(
-            loaded, AttentionOptions(blocks=blocks, method="rollout", fuse=fuse, discard_ratio=ratio, query=q, top_k=0)
-        )
+            loaded, AttentionOptions(blocks=blocks, method="rollout", fuse=fuse, discard_ratio=ratio, query=q, top_k=0))
         with capturing(loaded, settings) as cap:
             results = forward_batch(loaded, cap, x, settings)
         reference = ref_rollout(attns, fuse, ratio or 0.0)

@@ -163,16 +163,16 @@ def test_scale_maps_rejects_wrong_rank() -> None:
 )
 def test_overlay_size(size: tuple[int, int], max_side: int, expected: tuple[int, int]) -> None:
     photo = Image.new("RGB", size, GREY)
-    out = overlay(photo, np.zeros((14, 14)), crop_box=(0, 0, *size), lut=colormap_lut("viridis"), max_side=max_side)
+    out = overlay(photo, np.zeros((14, 14)), crop_box=(0, 0, *size), lut=colormap_lut("viridis"),
+                  max_side=max_side)
     assert out.mode == "RGB"
     assert out.size == expected
 
 
 def test_overlay_converts_non_rgb_photo() -> None:
     photo = Image.new("L", (50, 40), 100)
-    out = overlay(
-        photo, np.zeros((2, 2)), crop_box=(0, 0, 50, 40), lut=colormap_lut("gray"), max_side=0, alpha=0.0, dim=0.0
-    )
+    out = overlay(photo, np.zeros((2, 2)), crop_box=(0, 0, 50, 40), lut=colormap_lut("gray"), max_side=0,
+                  alpha=0.0, dim=0.0)
     assert out.mode == "RGB"
     assert tuple(_pixel(out, 10, 10)) == (100, 100, 100)
 
@@ -268,11 +268,14 @@ def test_overlay_box_past_the_edges_is_clipped() -> None:
 
 def test_overlay_box_outside_the_photo_only_dims() -> None:
     photo = Image.new("RGB", (100, 100), (200, 100, 50))
-    out = overlay(photo, np.ones((2, 2)), crop_box=(200, 0, 300, 100), lut=colormap_lut("viridis"), max_side=0, dim=0.5)
+    out = overlay(photo, np.ones((2, 2)), crop_box=(200, 0, 300, 100), lut=colormap_lut("viridis"),
+                  max_side=0, dim=0.5)
     assert tuple(_pixel(out, 50, 50)) == (100, 50, 25)
 
 
-@pytest.mark.parametrize("crop_box", [(0.0, 0.0, 300.0, 150.0), (75.0, 0.0, 225.0, 150.0), (0.0, -75.0, 300.0, 225.0)])
+@pytest.mark.parametrize(
+    "crop_box", [(0.0, 0.0, 300.0, 150.0), (75.0, 0.0, 225.0, 150.0), (0.0, -75.0, 300.0, 225.0)]
+)
 def test_overlay_many_equals_overlay_per_map(crop_box: tuple[float, float, float, float]) -> None:
     lut = colormap_lut(DEFAULT_CMAP)
     photo = _gradient_photo(300, 150)
@@ -299,7 +302,8 @@ def test_overlay_degenerate_geometry(
     size: tuple[int, int], max_side: int, crop_box: tuple[float, float, float, float]
 ) -> None:
     heat = np.random.default_rng(2).random((14, 14))
-    out = overlay(Image.new("RGB", size, GREY), heat, crop_box=crop_box, lut=colormap_lut("viridis"), max_side=max_side)
+    out = overlay(Image.new("RGB", size, GREY), heat, crop_box=crop_box, lut=colormap_lut("viridis"),
+                  max_side=max_side)
     if max_side == 0:
         assert out.size == size
     else:
@@ -328,16 +332,8 @@ def test_overlay_rejects_bad_arguments(kwargs: dict[str, object], error: type[Ex
 
 # ---------------------------------------------------------------------------- grid
 
-COLOURS = [
-    (255, 0, 0),
-    (0, 255, 0),
-    (0, 0, 255),
-    (255, 255, 0),
-    (0, 255, 255),
-    (255, 0, 255),
-    (255, 128, 0),
-    (128, 0, 255),
-]
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (255, 128, 0),
+           (128, 0, 255)]
 
 
 def _tiles(n: int, size: tuple[int, int] = (100, 100)) -> list[tuple[str, Image.Image]]:
@@ -388,7 +384,7 @@ def test_grid_draws_title_and_labels_in_dark_text_on_white() -> None:
     tile_rows = np.nonzero(_count_rows(with_text, COLOURS[0]))[0]
     top, bottom = tile_rows.min(), tile_rows.max()
     assert dark[:top].sum() > 20  # the title, above the tiles
-    assert dark[bottom + 1 :].sum() > 20  # the labels, under them
+    assert dark[bottom + 1:].sum() > 20  # the labels, under them
 
 
 def _count_rows(pixels: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
@@ -412,8 +408,12 @@ def test_grid_rejects_bad_arguments() -> None:
 # ---------------------------------------------------------------------------- save
 
 
-@pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP"), ("JPEG", "JPEG")])
-def test_save_image_writes_requested_format_whatever_the_name(tmp_path: Path, fmt: str, pil_format: str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "pil_format"), [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP"), ("JPEG", "JPEG")]
+)
+def test_save_image_writes_requested_format_whatever_the_name(
+    tmp_path: Path, fmt: str, pil_format: str
+) -> None:
     image = _gradient_photo(64, 48)
     path = tmp_path / "x.png.tmp-1" if fmt != "png" else tmp_path / "x.jpg.tmp-1"
     save_image(image, path, format=fmt)

@@ -67,12 +67,8 @@ class _Group(TyperGroup):
     """The app's command group: every usage error the parser finds becomes one ``vitattn: error:`` line."""
 
     def main(  # type: ignore[override]
-        self,
-        args: Any = None,
-        prog_name: str | None = None,
-        complete_var: str | None = None,
-        standalone_mode: bool = True,
-        **extra: Any,
+        self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+        standalone_mode: bool = True, **extra: Any,
     ) -> Any:
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -336,7 +332,9 @@ def heatmap(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = RenderOptions.out,
     npy: Annotated[
         bool,
-        typer.Option("--npy", help="Also write block{B}_attn.npy (heads, grid_h, grid_w), or block{B}_{method}.npy."),
+        typer.Option(
+            "--npy", help="Also write block{B}_attn.npy (heads, grid_h, grid_w), or block{B}_{method}.npy."
+        ),
     ] = RenderOptions.npy,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per input on stdout.")] = False,
     cmap: Annotated[str, typer.Option("--cmap", help="Any matplotlib colormap.")] = RenderOptions.cmap,

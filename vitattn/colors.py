@@ -20,6 +20,8 @@ from vitattn.options import RenderOptions
 _FLAT_RTOL = 1e-6
 
 
+
+
 @functools.lru_cache(maxsize=32)
 def colormap_lut(name: str) -> npt.NDArray[np.uint8]:
     """The colour table of a matplotlib colormap, sampled at 256 evenly spaced points.
@@ -93,6 +95,9 @@ def colorize(heat: np.ndarray, lut: np.ndarray) -> npt.NDArray[np.uint8]:
         raise ValueError(f"heat must be 2-D (h, w), got shape {np.shape(heat)}")
     check_lut(lut)
     return np.take(lut, _heat_to_index(heat), axis=0)  # (h, w, 3)
+
+
+
 
 
 def scale_maps(maps: np.ndarray, *, shared: bool) -> npt.NDArray[np.float32]:

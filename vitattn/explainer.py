@@ -137,9 +137,8 @@ def _batch(
 
     if isinstance(images, torch.Tensor):
         if images.ndim not in (3, 4) or images.shape[-3] != 3:
-            raise UsageError(
-                f"a preprocessed tensor is (3, H, W) or (B, 3, H, W), not {tuple(images.shape)}", option="images"
-            )
+            raise UsageError(f"a preprocessed tensor is (3, H, W) or (B, 3, H, W), not {tuple(images.shape)}",
+                             option="images")
         x = images[None] if images.ndim == 3 else images  # (B, 3, H, W)
         seen = [_unnormalize(loaded, t) for t in x]
         return images.ndim == 3, x, seen, [(0.0, 0.0, float(p.width), float(p.height)) for p in seen]

@@ -17,6 +17,8 @@ _BACKGROUND = (255, 255, 255)
 _TEXT = (26, 26, 26)
 
 
+
+
 @functools.lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """PIL's built-in font at ``size`` px (its fixed bitmap font where FreeType is missing)."""
@@ -86,7 +88,7 @@ def _fit_text(
         keep = (lo + hi + 1) // 2
         if middle:
             head = (keep + 1) // 2
-            candidate = text[:head] + ellipsis + text[len(text) - (keep - head) :]
+            candidate = text[:head] + ellipsis + text[len(text) - (keep - head):]
         else:
             candidate = text[:keep].rstrip() + ellipsis
         if draw.textlength(candidate, font=font) <= width:
@@ -95,7 +97,7 @@ def _fit_text(
             hi = keep - 1
     if middle:
         head = (lo + 1) // 2
-        return text[:head] + ellipsis + text[len(text) - (lo - head) :]
+        return text[:head] + ellipsis + text[len(text) - (lo - head):]
     return text[:lo].rstrip() + ellipsis
 
 

@@ -25,6 +25,8 @@ IMAGE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
 _FORMAT_ALIASES = {"jpeg": "jpg"}
 
 
+
+
 def save_image(image: Image.Image, path: str | os.PathLike[str], *, format: str) -> None:
     """Write an image quickly in an explicit format, whatever the file name says.
 

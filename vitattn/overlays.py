@@ -72,7 +72,8 @@ def _check_crop_box(crop_box: tuple[float, float, float, float]) -> None:
     left, top, right, bottom = (float(v) for v in crop_box)
     if not all(map(math.isfinite, (left, top, right, bottom))) or right <= left or bottom <= top:
         raise ValueError(
-            f"crop_box must be finite (left, top, right, bottom) with right > left and bottom > top, got {crop_box}"
+            f"crop_box must be finite (left, top, right, bottom) with right > left and bottom > top, "
+            f"got {crop_box}"
         )
 
 
@@ -256,7 +257,9 @@ def overlay(
     heat = np.asarray(heat)
     if heat.ndim != 2:
         raise ValueError(f"heat must be a 2-D array (gh, gw), got shape {heat.shape}")
-    return overlay_many(photo, heat[None], crop_box=crop_box, lut=lut, alpha=alpha, max_side=max_side, dim=dim)[0]
+    return overlay_many(
+        photo, heat[None], crop_box=crop_box, lut=lut, alpha=alpha, max_side=max_side, dim=dim
+    )[0]
 
 
 def mask_overlay(
