@@ -144,9 +144,11 @@ def test_large_jpeg_overlays_keep_the_asked_resolution(tmp_path: Path, max_side:
         (["--format", "gif"], 2, "--format"),
         (["-m", "vit_tiny_patch16_2244"], 2, "did you mean"),
         (["-m", "test_convnext"], 2, "not supported"),
-        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], 2, "device"),
-        (["--device", "hpu"], 2, "--device: hpu: not a device vitattn runs on"),
-        (["--device", "meta"], 2, "--device: meta: not a device vitattn runs on"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], 3, "device"),
+        (["--device", "nope"], 2, "--device: unknown device 'nope'"),
+        # a real torch device vitattn cannot run on: fatal (exit 3), found before the model loads
+        (["--device", "hpu"], 3, "--device: hpu: not a device vitattn runs on"),
+        (["--device", "meta"], 3, "--device: meta: not a device vitattn runs on"),
     ],
 )
 def test_bad_options_are_one_line_and_write_nothing(
@@ -200,7 +202,7 @@ def test_weights_file_wrappers_and_mismatch(photos: Path, tmp_path: Path) -> Non
     code, _, stderr = invoke(
         ["heatmap", str(photos / "wide.jpg"), "-m", "test_vit", "--weights", str(tmp_path / "junk.bin")]
     )
-    assert code == 3 and "cannot read it" in stderr
+    assert code == 3 and f"weights file {tmp_path / 'junk.bin'}: not a checkpoint" in stderr
 
 
 def test_info_and_models() -> None:

@@ -294,11 +294,13 @@ class HeatmapJob:
                 save_picture(picture, folder / name, ext)
                 written.append(name)
         title = grid_title(self.loaded.spec, self.loaded.weights, b, att)
-        # Grid tiles: the written overlays halved (or quartered...) by pixel averaging when max_side is a
-        # multiple of the tile size (the default: 512 = 2 x 256), cheaper than drawing them again; otherwise,
-        # and for maps without files of their own, drawn at tile size from a small copy of the photo.
+        # Grid tiles: the written overlays halved (or quartered...) by pixel averaging when their long side is
+        # a multiple of the tile size (the default: 512 = 2 x 256), cheaper than drawing them again; otherwise
+        # (a smaller photo keeps its size: max_side never enlarges), and for maps without files of their own,
+        # drawn at tile size from a small copy of the photo.
         tile = GRID_TILE_SIDE
-        factor = side // tile if side > 0 and side % tile == 0 else 0
+        long_side = max(pictures[0].size) if pictures else 0
+        factor = long_side // tile if long_side >= tile and long_side % tile == 0 else 0
         small = [p.reduce(factor) if factor > 1 else p for p in pictures] if factor else []
         tile_photo, tile_box = shrink(prep.photo, box, tile)
         if len(small) < len(scaled):

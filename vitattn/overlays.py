@@ -26,7 +26,8 @@ def _dim_table(dim: float) -> list[int]:
 
 
 def _output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    if max_side == 0:
+    """The photo's size capped to ``max_side`` on its long side; never enlarged (0: no cap)."""
+    if max_side == 0 or max(width, height) <= max_side:
         return width, height
     scale = max_side / max(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
@@ -39,8 +40,6 @@ def _fit_photo(photo: Image.Image, max_side: int) -> Image.Image:
     size = _output_size(photo.width, photo.height, max_side)
     if size == photo.size:
         return photo
-    if size[0] > photo.width or size[1] > photo.height:
-        return photo.resize(size, Image.Resampling.BICUBIC)
     return photo.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)  # antialiased
 
 
@@ -226,9 +225,8 @@ def overlay(
 ) -> Image.Image:
     """Blend a heat map onto the part of a photo the model saw; dim the rest.
 
-    The photo is resized so that its long side is ``max_side`` -- small photos are scaled *up*
-    too (bicubic), so every output has the same long side and tiny inputs stay visible; large ones
-    are scaled down (bilinear, antialiased). The heat map is bilinearly upsampled onto
+    A photo whose long side exceeds ``max_side`` is scaled down to it (bilinear, antialiased); smaller
+    photos keep their size (``max_side`` caps, it never enlarges). The heat map is bilinearly upsampled onto
     ``crop_box`` (cell centres at the centres of the grid cells that tile the box, edge values
     held out to the box's borders), coloured through ``lut`` and alpha-blended there; pixels
     whose centres lie outside the box are multiplied by ``1 - dim``. A box reaching past the
@@ -247,7 +245,7 @@ def overlay(
         dim: How much to darken outside the crop region, 0 (not at all) .. 1 (black).
 
     Returns:
-        A new PIL RGB image, size (W', H') with max(W', H') == max_side (or (W, H)).
+        A new PIL RGB image, size (W', H') with max(W', H') == min(max_side, max(W, H)) (or (W, H)).
 
     Raises:
         UsageError: ``alpha`` or ``dim`` outside [0, 1], or ``max_side`` negative.
