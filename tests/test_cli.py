@@ -81,7 +81,7 @@ def test_folder_run_writes_the_documented_layout(photos: Path, tmp_path: Path) -
     assert set(meta["files"]) == set(names)
     assert "processed 3, skipped 0, failed 0 (of 3)" in stderr
     with Image.open(folder / "block5_head0.png") as im:
-        assert max(im.size) == 512 and im.size[1] > im.size[0]  # portrait photo stays portrait
+        assert im.size == (90, 260)  # --max-side 512 caps and never enlarges: the photo keeps its size
     assert not any(".vitattn-tmp-" in p.name for p in out.rglob("*"))
 
 
@@ -268,7 +268,7 @@ def test_grid_tiles_are_the_written_overlays(tmp_path: Path) -> None:
     Other sizes draw the tiles separately; the grid keeps the same layout."""
     rng = np.random.default_rng(1)
     photo = tmp_path / "p.png"
-    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(photo)
+    Image.fromarray(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)).save(photo)
     sizes = []
     for max_side in ("512", "300"):
         out = tmp_path / max_side
@@ -312,7 +312,7 @@ def test_cli_passes_typed_options_to_the_library(monkeypatch: pytest.MonkeyPatch
     def fake_start(**kwargs: object) -> object:
         received.update(kwargs)
         loaded = types.SimpleNamespace(weights="pretrained")
-        return types.SimpleNamespace(loaded=loaded, outcomes=lambda: (o for o in ()))
+        return types.SimpleNamespace(loaded=loaded, outcomes=lambda: (o for o in ()), unreported=[])
 
     monkeypatch.setattr(heatmap, "start_heatmap", fake_start)
     args = ["heatmap", "a.jpg", "dir", "-r", "-m", "test_vit", "-b", "3,-1", "-b", "2"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, NoReturn
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from vitattn._version import __version__
 from vitattn.errors import ExitCode, OutputError, UsageError, VitattnError, display_path
@@ -65,6 +65,9 @@ FLAGS = {
 class _Group(TyperGroup):
     """The app's command group: every usage error the parser finds becomes one ``vitattn: error:`` line."""
 
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _as_flags(super().get_params(ctx))
+
     def main(  # type: ignore[override]
         self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
         standalone_mode: bool = True, **extra: Any,
@@ -89,6 +92,22 @@ class _Group(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def _as_flags(params: list[Any]) -> list[Any]:
+    """On/off options shown as flags in ``--help`` (``--json``, not ``--json <bool>``): Typer's help shows
+    the metavar in the type column, and a flag takes no value."""
+    for param in params:
+        if getattr(param, "param_type_name", "") == "option" and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """A command whose on/off options show as flags in ``--help``."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _as_flags(super().get_params(ctx))
+
+
 def _escape(text: str) -> str:
     """One printable line: control characters (newlines, terminal escapes) shown as escapes."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -98,7 +117,7 @@ app = typer.Typer(
     name="vitattn",
     cls=_Group,
     help="See where a Vision Transformer looks: exact per-head attention heatmaps for timm ViTs.",
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -330,7 +349,7 @@ def _stdin_is_terminal() -> bool:
     return _is_terminal(sys.stdin)
 
 
-@app.command(no_args_is_help=False)
+@app.command(no_args_is_help=False, cls=_Command)
 def heatmap(
     ctx: typer.Context,
     inputs: Annotated[
@@ -623,7 +642,7 @@ def _run_guarded(debug: bool, call: Any, progress: _Progress | None = None) -> N
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
     model: Annotated[str, typer.Argument(help="timm model name, hf-hub:ORG/NAME or local-dir:PATH.")] = DEFAULT_MODEL,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -658,7 +677,7 @@ def info(
     _run_guarded(debug, call)
 
 
-@app.command()
+@app.command(cls=_Command)
 def models(
     pattern: Annotated[str, typer.Argument(help="Wildcard filter in any case, e.g. '*dinov2*'.")] = "",
     pretrained: Annotated[
@@ -681,7 +700,7 @@ def models(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (also ``python -m vitattn``: the same program name, so completion works)."""
     if sys.stderr is not None and hasattr(sys.stderr, "reconfigure"):
         sys.stderr.reconfigure(errors="backslashreplace")
-    app()
+    app(prog_name="vitattn")
