@@ -102,13 +102,13 @@ def test_progress_flag_and_quiet_pipes(tmp_path: Path) -> None:
 def test_empty_input_set_warns_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    import vitattn.models
+    import vitattn.heatmap
     from vitattn.cli import app
 
     def no_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded for an empty input set")
 
-    monkeypatch.setattr(vitattn.models, "load_model", no_load)
+    monkeypatch.setattr(vitattn.heatmap, "load_model", no_load)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not a picture")
@@ -157,3 +157,16 @@ def test_every_completed_result_is_reported_after_a_stop(tmp_path: Path, sig: in
     assert found, stderr
     processed, _, failed, total = map(int, found.groups())
     assert processed == len(ok) == len(on_disk) and failed == 0 and total == len(records) < 60
+
+
+def test_empty_stdin_warns() -> None:
+    from typer.testing import CliRunner
+
+    from vitattn.cli import app
+
+    result = CliRunner().invoke(app, ["heatmap", "-", "-m", "demo", "-o", "never-written"], input=b"")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "vitattn: warning: no inputs: stdin held no paths",
+        "processed 0, skipped 0, failed 0 (of 0)",
+    ]

@@ -590,6 +590,8 @@ def _heatmap(
         raise
     for outcome in started.unreported:
         _report(outcome, as_json=as_json, progress=progress, debug=debug)
+    if progress.total is None and progress.done == 0:
+        _err("no inputs: stdin held no paths", "warning")
     return ExitCode.INPUT_FAILED if progress.counts["error"] else ExitCode.OK
 
 
