@@ -48,6 +48,40 @@ def value_range(low: float, high: float) -> str:
     return f"{format_value(low)}–{format_value(high)}"
 
 
+def scale_labels(
+    labels: Sequence[str],
+    ranges: Sequence[tuple[float, float]],
+    lut: np.ndarray,
+    *,
+    shared_from: int | None = None,
+    shared_what: str = "heads",
+) -> tuple[list[str], ColorScale]:
+    """Tile labels that say what each tile's colours stand for, and the grid's colour scale.
+
+    A near-uniform head stretched over its own range looks as strong as a focused one; its narrow range
+    under it says otherwise.
+
+    Args:
+        labels: one per map tile (``head 0``...).
+        ranges: each map's own (min, max), as :func:`vitattn.colors.map_ranges` gives them.
+        lut: the colour table the maps are drawn with.
+        shared_from: None: every map spans its own range (labels ``head 0 · 0.0021–0.031``, the bar
+            ``min … max``). An index: the maps from there on share one scale, whose ends go on the bar;
+            their labels give each map's peak (``head 0 · max 0.031``).
+        shared_what: what shares the scale, for the bar's caption.
+    """
+    if shared_from is None:
+        out = [f"{label} · {value_range(lo, hi)}" for label, (lo, hi) in zip(labels, ranges, strict=True)]
+        return out, ColorScale(lut, "min", "max", "each map from its own min to its own max (values under it)")
+    out = [
+        f"{label} · max {format_value(hi)}" if i >= shared_from else f"{label} · {value_range(lo, hi)}"
+        for i, (label, (lo, hi)) in enumerate(zip(labels, ranges, strict=True))
+    ]
+    common = ranges[shared_from:]
+    low, high = min(lo for lo, _ in common), max(hi for _, hi in common)
+    return out, ColorScale(lut, format_value(low), format_value(high), f"one colour scale for all {shared_what}")
+
+
 
 @functools.lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:

@@ -258,7 +258,7 @@ class HeatmapJob:
         import numpy as np
 
         from vitattn.colors import map_ranges, scale_maps
-        from vitattn.grids import GRID_TILE_SIDE, ColorScale, format_value, labelled_grid, value_range
+        from vitattn.grids import GRID_TILE_SIDE, labelled_grid, scale_labels
         from vitattn.options import QueryKind
         from vitattn.overlays import mark_patch, mask_overlay, overlay_many
 
@@ -331,21 +331,9 @@ class HeatmapJob:
             )
         blank = np.zeros((1, *fused.shape), np.float32)  # alpha 0: just the dimmed photo
         plain = overlay_many(tile_photo, blank, crop_box=tile_box, lut=self.lut, alpha=0.0, max_side=tile)
-        # Under each tile the values its colours span: a near-uniform head (a narrow range) no longer looks
-        # as strong as a focused one. With a shared scale, the raw tiles' common range is on the bar instead,
-        # and each tile shows its peak.
-        shared = r.shared_scale
-        raw_start = len(scaled) - len(raw)
-        tile_labels = [
-            f"{label} · max {format_value(hi)}" if shared and i >= raw_start else f"{label} · {value_range(lo, hi)}"
-            for i, (label, (lo, hi)) in enumerate(zip(labels, ranges, strict=True))
-        ]
-        if shared:
-            lo, hi = map_ranges(raw, shared=True)[0]  # what the raw tiles' common colours stand for
-            which = "raw heads" if method is not Method.raw else "heads"
-            scale = ColorScale(self.lut, format_value(lo), format_value(hi), f"one colour scale for all {which}")
-        else:
-            scale = ColorScale(self.lut, "min", "max", "each map from its own min to its own max (values under it)")
+        shared_from = len(scaled) - len(raw) if r.shared_scale else None  # the raw tiles share one scale
+        which = "raw heads" if method is not Method.raw else "heads"
+        tile_labels, scale = scale_labels(labels, ranges, self.lut, shared_from=shared_from, shared_what=which)
         tiles = [("photo", marked(plain, tile_photo, tile_box)[0]), *zip(tile_labels, small, strict=True), *mask_tiles]
         save_picture(labelled_grid(tiles, title=title, scale=scale), folder / files.grid, ext)
         written.append(files.grid)
