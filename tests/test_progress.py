@@ -170,3 +170,14 @@ def test_empty_stdin_warns() -> None:
         "vitattn: warning: no inputs: stdin held no paths",
         "processed 0, skipped 0, failed 0 (of 0)",
     ]
+
+
+@pytest.mark.subprocess
+def test_a_fatal_error_after_the_loading_line_is_on_a_line_of_its_own(tmp_path: Path) -> None:
+    folder = pictures(tmp_path / "in", 1)
+    missing = tmp_path / "no-model"
+    code, text, stdout = run_with_terminal_stderr(
+        vitattn(str(folder), "-o", str(tmp_path / "out"), "-m", f"local-dir:{missing}")
+    )
+    assert code == 3 and stdout == b""
+    assert f"loading local-dir:{missing}...\r\x1b[Kvitattn: error: local-dir:{missing}: no such folder" in text, text

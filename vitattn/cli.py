@@ -614,8 +614,13 @@ def _run_guarded(debug: bool, call: Any, progress: _Progress | None = None) -> N
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        _check_stdout()
-        code = call()
+        try:
+            _check_stdout()
+            code = call()
+        except BaseException:
+            if progress is not None:  # the error line starts on a clean line, not after "loading ..."
+                progress.clear()
+            raise
     except VitattnError as exc:
         if debug:
             raise
