@@ -47,10 +47,6 @@ class HeatmapRun:
         an error): results on disk that the caller should still report, in input order."""
         return list(self._scheduler.unreported) if self._scheduler is not None else []
 
-    def count_inputs(self) -> int | None:
-        """:func:`count_inputs` for this run's inputs and output folder."""
-        return count_inputs(self.inputs, out=self.job.render.out)
-
     def outcomes(self) -> Generator[Outcome, None, None]:
         """Discover the inputs and process them on the local engine; one outcome per input, in input order.
 
