@@ -79,24 +79,28 @@ def test_progress_on_a_terminal(tmp_path: Path) -> None:
     assert text.replace("\r\n", "\n").endswith("\x1b[Kprocessed 10, skipped 0, failed 0 (of 10)\n"), repr(text[-200:])
 
 
-@pytest.mark.subprocess
 def test_progress_flag_and_quiet_pipes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vitattn.cli import app
+
+    def heatmap(*args: str, stdin: bytes | None = None) -> tuple[int, str]:
+        result = CliRunner().invoke(app, ["heatmap", *args], input=stdin)  # stderr is not a terminal here
+        return result.exit_code, result.stderr
+
     folder = pictures(tmp_path / "in", 3)
-    quiet = subprocess.run(vitattn(str(folder), "-o", str(tmp_path / "a"), "-m", "demo"), capture_output=True,
-                           env=ENV, timeout=120)
-    assert quiet.returncode == 0 and quiet.stderr.decode() == "processed 3, skipped 0, failed 0 (of 3)\n"
-    shown = subprocess.run(vitattn(str(folder), "-o", str(tmp_path / "b"), "-m", "demo", "--progress"),
-                           capture_output=True, env=ENV, timeout=120)
-    err = shown.stderr.decode().splitlines()
-    assert shown.returncode == 0
-    assert err[0] == "vitattn: progress: loading demo..." and "\r" not in shown.stderr.decode()  # plain lines
-    assert "vitattn: progress: 3/3 done, 0 failed" in "\n".join(err)
+    code, quiet = heatmap(str(folder), "-o", str(tmp_path / "a"), "-m", "demo")
+    assert code == 0 and quiet == "processed 3, skipped 0, failed 0 (of 3)\n"  # off a terminal: no progress
+    code, shown = heatmap(str(folder), "-o", str(tmp_path / "b"), "-m", "demo", "--progress")
+    err = shown.splitlines()
+    assert code == 0
+    assert err[0] == "vitattn: progress: loading demo..." and "\r" not in shown  # plain lines
+    assert "vitattn: progress: 3/3 done, 0 failed" in shown
     assert err[-1] == "processed 3, skipped 0, failed 0 (of 3)"
     # stdin: the total is not known in advance
     listed = "".join(f"{p}\n" for p in sorted(folder.iterdir())).encode()
-    piped = subprocess.run(vitattn("-", "-o", str(tmp_path / "c"), "-m", "demo", "--progress"), input=listed,
-                           capture_output=True, env=ENV, timeout=120)
-    assert piped.returncode == 0 and "vitattn: progress: 3 done, 0 failed" in piped.stderr.decode()
+    code, piped = heatmap("-", "-o", str(tmp_path / "c"), "-m", "demo", "--progress", stdin=listed)
+    assert code == 0 and "vitattn: progress: 3 done, 0 failed" in piped
 
 
 def test_empty_input_set_warns_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
