@@ -29,7 +29,7 @@ def test_readme_example_from_timm_create_model(tmp_path: Path) -> None:
     assert result.top[0].label == "triangle" and len(result.top) == 2
     picture = result.overlay(head=0, cmap="viridis")
     picture.save(tmp_path / "head0.png")
-    assert picture.size == (512, 512) and (tmp_path / "head0.png").stat().st_size > 0
+    assert picture.size == (256, 256) and (tmp_path / "head0.png").stat().st_size > 0  # capped, never enlarged
     assert model.training  # the caller's mode is restored
 
 
@@ -54,7 +54,7 @@ def test_explain_methods_by_name_and_bad_values() -> None:
     model = vitattn.load_model("demo", device="cpu")
     roll = vitattn.explain(model, str(PICTURE), blocks=None, method="rollout", top_k=0)
     assert sorted(roll.blocks) == [0, 1, 2, 3] and roll[-1].method_map is not None
-    assert roll.overlay(head="method").size == (512, 512)
+    assert roll.overlay(head="method").size == (256, 256)  # the 256-px picture's own size
     with pytest.raises(vitattn.UsageError, match="unknown method 'nope'") as info:
         vitattn.explain(model, str(PICTURE), method="nope")
     assert info.value.option == "method" and "--" not in str(info.value)  # values, not CLI flags

@@ -157,7 +157,8 @@ def test_scale_maps_rejects_wrong_rank() -> None:
         ((800, 400), 512, (512, 256)),  # landscape
         ((300, 600), 512, (256, 512)),  # portrait
         ((333, 222), 0, (333, 222)),  # original size
-        ((64, 32), 512, (512, 256)),  # small photos are scaled up
+        ((64, 32), 512, (64, 32)),  # max_side caps: small photos keep their size
+        ((512, 100), 512, (512, 100)),
         ((1000, 1000), 100, (100, 100)),
     ],
 )

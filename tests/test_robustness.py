@@ -583,7 +583,7 @@ def test_bad_outputs_devices_and_weights_are_one_line(tmp_path: Path) -> None:
         (["-m", "test_vit", "--weights", str(tmp_path / "missing.pth")], 3, "no such file"),
     ]
     if not torch.cuda.is_available():
-        cases.append((["--device", "cuda", *MODEL], 2, "CUDA is not available"))
+        cases.append((["--device", "cuda", *MODEL], 3, "CUDA is not available"))
     for args, want, message in cases:
         code, stdout, stderr = invoke([photo, *(["-o", str(tmp_path / "never")] if "-o" not in args else []), *args])
         assert code == want and message in stderr, (args, stderr)

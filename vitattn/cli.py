@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, NoReturn
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from vitattn._version import __version__
-from vitattn.errors import ExitCode, UsageError, VitattnError, display_path
+from vitattn.errors import ExitCode, OutputError, UsageError, VitattnError, display_path
 from vitattn.options import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
@@ -68,6 +68,9 @@ FLAGS = {
 class _Group(TyperGroup):
     """The app's command group: every usage error the parser finds becomes one ``vitattn: error:`` line."""
 
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _as_flags(super().get_params(ctx))
+
     def main(  # type: ignore[override]
         self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
         standalone_mode: bool = True, **extra: Any,
@@ -92,6 +95,22 @@ class _Group(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def _as_flags(params: list[Any]) -> list[Any]:
+    """On/off options shown as flags in ``--help`` (``--json``, not ``--json <bool>``): Typer's help shows
+    the metavar in the type column, and a flag takes no value."""
+    for param in params:
+        if getattr(param, "param_type_name", "") == "option" and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """A command whose on/off options show as flags in ``--help``."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _as_flags(super().get_params(ctx))
+
+
 def _escape(text: str) -> str:
     """One printable line: control characters (newlines, terminal escapes) shown as escapes."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -101,7 +120,7 @@ app = typer.Typer(
     name="vitattn",
     cls=_Group,
     help="See where a Vision Transformer looks: exact per-head attention heatmaps for timm ViTs.",
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -191,40 +210,127 @@ def _parse_target(text: str | None) -> int | None:
 
 
 class _Progress:
-    """A one-line progress counter on stderr, only when stderr is a terminal."""
+    """Counts outcomes for the summary line and, when enabled, shows progress on stderr.
 
-    def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
-        self.start = time.monotonic()
+    Enabled when stderr is a terminal, or with ``--progress``. On a terminal one line is redrawn in place
+    (at most ten times a second) and cleared before any other stderr line; otherwise a plain line is
+    written at most once a second. It shows done/total (total known for files and folders, not for stdin),
+    the failures, and once the first batch is done (model warm-up excluded) the rate and the time left.
+    """
+
+    def __init__(self, *, enabled: bool | None = None) -> None:
+        self.tty = _is_terminal(sys.stderr)
+        self.enabled = self.tty if enabled is None else enabled
         self.counts = {"ok": 0, "skipped": 0, "error": 0}
+        self.total: int | None = None
         self.started = False  # inputs are being processed: the summary line is due, whatever happens
+        self._first: tuple[float, int] | None = None  # (time, done) when the first outcome arrived
+        self._shown = 0.0  # when the line was last drawn
+        self._drawn = False  # a line is on the terminal, to clear before other output
+        self._last_done = -1  # the count last shown
 
-    def update(self, status: str) -> None:
-        self.counts[status] += 1
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    def starting(self, message: str) -> None:
+        """A start-up line (e.g. while the model loads), replaced by the counter once inputs flow."""
         if self.enabled:
-            done = sum(self.counts.values())
-            rate = done / max(1e-9, time.monotonic() - self.start)
-            _to_stderr(f"\r{done} done, {self.counts['error']} failed, {rate:.1f} img/s ")
+            self._draw(message)
+
+    def count(self, status: str) -> None:
+        self.counts[status] += 1
+        if self._first is None:
+            self._first = (time.monotonic(), self.done)
+
+    def show(self) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        finished = self.total is not None and self.done >= self.total
+        if now - self._shown < (0.1 if self.tty else 1.0) and not finished:
+            return
+        self._draw(self.line(now))
+        self._last_done = self.done
+
+    def finish(self) -> None:
+        """Off a terminal: the last count, when the throttle held it back (the summary follows)."""
+        if self.enabled and not self.tty and self.started and self._last_done != self.done:
+            self._draw(self.line(time.monotonic()))
+            self._last_done = self.done
+
+    def line(self, now: float) -> str:
+        done, failed = self.done, self.counts["error"]
+        text = f"{done}/{self.total}" if self.total is not None else f"{done}"
+        text += f" done, {failed} failed"
+        if self._first is not None:
+            t0, n0 = self._first
+            if done > n0 and now > t0:
+                rate = (done - n0) / (now - t0)
+                text += f", {rate:.1f} img/s"
+                if self.total is not None and self.total > done:
+                    text += f", ETA {_duration((self.total - done) / rate)}"
+        return text
+
+    def _draw(self, text: str) -> None:
+        self._shown = time.monotonic()
+        if self.tty:
+            _to_stderr(f"\r\033[K{text}")
+            self._drawn = True
+        else:
+            _to_stderr(f"vitattn: progress: {text}\n")
 
     def clear(self) -> None:
-        if self.enabled:
+        if self._drawn:
             _to_stderr("\r\033[K")
+            self._drawn = False
 
     def summary(self) -> str:
         c = self.counts
         return f"processed {c['ok']}, skipped {c['skipped']}, failed {c['error']} (of {sum(c.values())})"
 
 
+def _duration(seconds: float) -> str:
+    """``0:07``, ``12:30``, ``2:05:00``."""
+    s = max(0, round(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream is not None and bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def _emit(line: str) -> None:
-    """Write one data line to stdout, keeping undecodable path bytes as they were."""
-    sys.stdout.buffer.write(os.fsencode(line) + b"\n")
-    sys.stdout.buffer.flush()
+    """Write one data line to stdout, keeping undecodable path bytes as they were.
+
+    Raises:
+        OutputError: stdout cannot be written (``>/dev/full``): fatal, every later line would fail too.
+    """
+    try:
+        sys.stdout.buffer.write(os.fsencode(line) + b"\n")
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"cannot write to stdout: {exc.strerror or type(exc).__name__}") from exc
+
+
+def _check_stdout() -> None:
+    """Stdout carries the data: a closed stdout (``>&-``) is fatal before anything is done."""
+    if sys.stdout is None or getattr(sys.stdout, "closed", False):
+        raise OutputError("stdout is closed, so results could not be reported (redirect it: >/dev/null)")
 
 
 def _report(outcome: Outcome, *, as_json: bool, progress: _Progress, debug: bool = False) -> None:
     from vitattn.outputs import json_line
 
     progress.clear()
+    progress.count(outcome.status)  # counted first: a result on disk is in the summary even if stdout fails
     for warning in outcome.warnings:
         _err(f"{display_path(outcome.item.path)}: {warning}", "warning")
     if outcome.error is not None:
@@ -239,17 +345,14 @@ def _report(outcome: Outcome, *, as_json: bool, progress: _Progress, debug: bool
         _emit(json_line(outcome.record))
     elif outcome.folder is not None and outcome.status in ("ok", "skipped"):
         _emit(os.fspath(outcome.folder))
-    progress.update(outcome.status)
+    progress.show()
 
 
 def _stdin_is_terminal() -> bool:
-    try:
-        return sys.stdin is not None and sys.stdin.isatty()
-    except (AttributeError, ValueError):
-        return False
+    return _is_terminal(sys.stdin)
 
 
-@app.command(no_args_is_help=False)
+@app.command(no_args_is_help=False, cls=_Command)
 def heatmap(
     ctx: typer.Context,
     inputs: Annotated[
@@ -383,6 +486,12 @@ def heatmap(
             show_default="Pillow's limit, about 89.5 M",
         ),
     ] = None,
+    progress_flag: Annotated[
+        bool,
+        typer.Option(
+            "--progress", help="Show progress on stderr even when it is not a terminal (on a terminal: always)."
+        ),
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Draw the attention of chosen blocks' heads, or a rollout of them, over each picture."""
@@ -395,7 +504,7 @@ def heatmap(
             )
             raise typer.Exit(ExitCode.USAGE)
         inputs = ["-"]
-    progress = _Progress()
+    progress = _Progress(enabled=True if progress_flag else None)
 
     def call() -> int:
         if out.exists() and not out.is_dir():
@@ -457,17 +566,35 @@ def _heatmap(
     debug: bool,
 ) -> int:
     from vitattn.discovery import folder_hints
-    from vitattn.heatmap import start_heatmap
+    from vitattn.heatmap import count_inputs, start_heatmap
 
     for hint in folder_hints(inputs.paths, recursive=inputs.recursive):
         _err(hint.replace("with recursive", "with -r"), "hint")
+    progress.total = count_inputs(inputs, out=render.out)
+    if progress.total == 0:  # said before the model loads (which can take long), and nothing else is done
+        _err(f"no inputs: {', '.join(map(display_path, inputs.paths))} holds no pictures to process", "warning")
+        progress.started = True
+        return ExitCode.OK
+    progress.starting(f"loading {model.spec}...")
     started = start_heatmap(inputs=inputs, model=model, attention=attention, render=render, run=run, stdin=stdin)
+    progress.clear()
     if started.loaded.weights == "random":
         _err("--no-pretrained: random weights, so the maps are meaningless (useful for testing only)", "warning")
     progress.started = True
-    with contextlib.closing(started.outcomes()) as outcomes:  # closing drains the write workers, also on errors
-        for outcome in outcomes:
-            _report(outcome, as_json=as_json, progress=progress, debug=debug)
+    progress.starting(f"{progress.line(time.monotonic())} (first batch)")
+    try:
+        with contextlib.closing(started.outcomes()) as outcomes:  # closing drains the write workers, also on errors
+            for outcome in outcomes:
+                _report(outcome, as_json=as_json, progress=progress, debug=debug)
+    except BaseException:  # stopped early (Ctrl-C, SIGTERM, a fatal error): results finished by then are reported
+        with contextlib.suppress(Exception):  # the stop is what gets reported, not a failure to report
+            for outcome in started.unreported:
+                _report(outcome, as_json=as_json, progress=progress, debug=debug)
+        raise
+    for outcome in started.unreported:
+        _report(outcome, as_json=as_json, progress=progress, debug=debug)
+    if progress.total is None and progress.done == 0:
+        _err("no inputs: stdin held no paths", "warning")
     return ExitCode.INPUT_FAILED if progress.counts["error"] else ExitCode.OK
 
 
@@ -490,7 +617,13 @@ def _run_guarded(debug: bool, call: Any, progress: _Progress | None = None) -> N
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        code = call()
+        try:
+            _check_stdout()
+            code = call()
+        except BaseException:
+            if progress is not None:  # the error line starts on a clean line, not after "loading ..."
+                progress.clear()
+            raise
     except VitattnError as exc:
         if debug:
             raise
@@ -512,13 +645,14 @@ def _run_guarded(debug: bool, call: Any, progress: _Progress | None = None) -> N
         code = ExitCode.FATAL
     finally:
         if progress is not None and progress.started:
+            progress.finish()
             progress.clear()
             _to_stderr(progress.summary() + "\n")
         signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
 
 
-@app.command(no_args_is_help=False)
+@app.command(cls=_Command, no_args_is_help=False)
 def stats(
     ctx: typer.Context,
     inputs: Annotated[
@@ -686,7 +820,7 @@ def _stats_summary(out: Path, files: dict[str, str], images: int, *, as_json: bo
         _emit(os.fspath(out))
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
     model: Annotated[str, typer.Argument(help="timm model name, hf-hub:ORG/NAME or local-dir:PATH.")] = DEFAULT_MODEL,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -701,7 +835,7 @@ def info(
 
         d = describe(load_model(model, pretrained=False, device="cpu"))
         if as_json:
-            typer.echo(json.dumps(d))
+            _emit(json.dumps(d))
             return ExitCode.OK
         roles = ", ".join(f"{p['index']}:{p['role']}" for p in d["prefix_tokens"]) or "none"
         lines = [
@@ -717,7 +851,7 @@ def info(
             f"adapter        {d['adapter']}",
             *_site_lines(d["sites"]),
         ]
-        typer.echo("\n".join(lines))
+        _emit("\n".join(lines))
         return ExitCode.OK
 
     _run_guarded(debug, call)
@@ -746,7 +880,7 @@ def _site_lines(sites: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-@app.command()
+@app.command(cls=_Command)
 def models(
     pattern: Annotated[str, typer.Argument(help="Wildcard filter in any case, e.g. '*dinov2*'.")] = "",
     pretrained: Annotated[
@@ -803,7 +937,7 @@ def _coverage_report(pattern: str, *, pretrained: bool, summary: bool) -> int:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (also ``python -m vitattn``: the same program name, so completion works)."""
     if sys.stderr is not None and hasattr(sys.stderr, "reconfigure"):
         sys.stderr.reconfigure(errors="backslashreplace")
-    app()
+    app(prog_name="vitattn")

@@ -131,3 +131,23 @@ def scale_maps(maps: np.ndarray, *, shared: bool) -> npt.NDArray[np.float32]:
         scaled = (np.where(finite, arr, 0.0) - lo) / np.where(varies, span, 1.0)  # (K, gh, gw)
         out = np.where(varies & finite, scaled, 0.0)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def map_ranges(maps: np.ndarray, *, shared: bool) -> list[tuple[float, float]]:
+    """The (min, max) each map is drawn with by :func:`scale_maps`: its own, or (``shared``) one over all.
+
+    Args:
+        maps: (K, gh, gw) float; non-finite entries are ignored (an all-non-finite map gives (0, 0)).
+
+    Returns:
+        K (min, max) pairs, the values the colour table's two ends stand for.
+    """
+    arr = np.asarray(maps, dtype=np.float64)  # (K, gh, gw)
+    if arr.ndim != 3:
+        raise ValueError(f"maps must be 3-D (K, gh, gw), got shape {arr.shape}")
+    finite = np.isfinite(arr)
+    lows = [float(m[f].min()) if f.any() else 0.0 for m, f in zip(arr, finite, strict=True)]
+    highs = [float(m[f].max()) if f.any() else 0.0 for m, f in zip(arr, finite, strict=True)]
+    if shared and lows:
+        return [(min(lows), max(highs))] * len(lows)
+    return list(zip(lows, highs, strict=True))

@@ -9,6 +9,7 @@ are scaled instead of clipped, and EXIF orientation is applied. Every failure is
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import stat
@@ -97,7 +98,15 @@ def load_image(
     notes: list[str] = []
     try:
         with _open_regular(path) as fp, _PILLOW.load(max_pixels) as caught:
-            image, fmt, size = _decode(path, fp, max_pixels, min_size, min_long_side, notes)
+            try:
+                image, fmt, size = _decode(path, fp, max_pixels, min_size, min_long_side, notes)
+            except ValueError as exc:  # a metadata chunk over Pillow's size limit: the pixels may still be fine
+                stripped = _large_metadata(exc) and _without_metadata(path)
+                if not stripped:
+                    raise
+                notes.clear()
+                image, fmt, size = _decode(path, stripped[0], max_pixels, min_size, min_long_side, notes)
+                notes.append(f"large metadata ignored ({', '.join(stripped[1])} chunks over Pillow's size limit)")
         notes.extend(note for note in _warning_notes(caught) if note not in notes)
     except (InputError, MemoryError):
         raise
@@ -113,6 +122,38 @@ def load_image(
     except Exception as exc:  # Pillow raises many types (ValueError, SyntaxError, struct.error...)
         raise InputError(path, Reason.CORRUPT, _exc_detail(exc)) from exc
     return LoadedImage(image, fmt, notes, size)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_METADATA = (b"iCCP", b"zTXt", b"iTXt", b"tEXt")  # colour profile and text: nothing the pixels need
+
+
+def _large_metadata(exc: ValueError) -> bool:
+    """Pillow's refusal of a PNG text or ICC chunk that decompresses past ``MAX_TEXT_CHUNK``/``MAX_TEXT_MEMORY``."""
+    return "MAX_TEXT_CHUNK" in str(exc) or "MAX_TEXT_MEMORY" in str(exc)
+
+
+def _without_metadata(path: str) -> tuple[io.BytesIO, list[str]] | None:
+    """The PNG file without its colour-profile and text chunks (and the kinds dropped), or None when it is
+    not a PNG. The chunks are dropped unread, so a compression bomb in one is never expanded."""
+    import struct
+
+    with _open_regular(path) as fp:
+        data = fp.read()
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    kept, dropped, pos = [_PNG_SIGNATURE], [], len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 12 + length  # length, type, data, CRC
+        if kind in _PNG_METADATA:
+            dropped.append(kind.decode("ascii"))
+        else:
+            kept.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            break
+    return io.BytesIO(b"".join(kept)), sorted(set(dropped))
 
 
 def _stat_regular(path: str) -> None:
@@ -434,7 +475,13 @@ def _to_rgb(path: str, im: Image.Image, notes: list[str]) -> Image.Image:
     if mode == "F":
         return _grey_to_rgb(_float_to_uint8(path, np.asarray(im), notes))
     if mode in _INT_MODES:
-        return _grey_to_rgb(_int_to_uint8(np.asarray(im), notes))
+        data = np.asarray(im)
+        grey = _int_to_uint8(data, notes)
+        key = im.info.get("transparency")  # a 16-bit grey PNG's tRNS key: Pillow keeps it but never applies it
+        if isinstance(key, int) and not isinstance(key, bool) and (data == key).any():
+            alpha = np.where(data == key, 0, 255).astype(np.uint8)  # (h, w)
+            return _composite(Image.fromarray(np.dstack([grey, grey, grey, alpha]), "RGBA"))
+        return _grey_to_rgb(grey)
     if _has_alpha(im):
         return _composite(im.convert("RGBA") if im.mode != "RGBA" else im)
     if mode == "RGB":

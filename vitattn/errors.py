@@ -80,6 +80,13 @@ class UnsupportedModelError(UsageError):
     """The model is not a ViT-style model with global self-attention blocks."""
 
 
+class DeviceError(VitattnError):
+    """A device vitattn cannot run on, or that this machine lacks: fatal, every input would fail."""
+
+    exit_code = ExitCode.FATAL
+    option = "device"
+
+
 class CaptureError(VitattnError):
     """A hook captured nothing, or something other than what was expected."""
 

@@ -9,9 +9,10 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vitattn.attention import Settings, resolve_settings
 from vitattn.job import HeatmapJob, Outcome
@@ -38,6 +39,13 @@ class HeatmapRun:
     inputs: InputOptions
     run: RunOptions
     stdin: BinaryIO | None = field(default=None, repr=False)
+    _scheduler: Any = field(default=None, repr=False)
+
+    @property
+    def unreported(self) -> list[Outcome]:
+        """Outcomes finished but not yielded by :meth:`outcomes` when it was stopped early (closed, Ctrl-C,
+        an error): results on disk that the caller should still report, in input order."""
+        return list(self._scheduler.unreported) if self._scheduler is not None else []
 
     def outcomes(self) -> Generator[Outcome, None, None]:
         """Discover the inputs and process them on the local engine; one outcome per input, in input order.
@@ -56,7 +64,19 @@ class HeatmapRun:
             stdin=self.stdin,
             exclude=[out],
         )
-        yield from Scheduler(self.job, self.run).run(items)
+        self._scheduler = Scheduler(self.job, self.run)
+        yield from self._scheduler.run(items)
+
+
+def count_inputs(inputs: InputOptions, *, out: str | os.PathLike[str]) -> int | None:
+    """How many inputs the files and folders given hold, found as a run finds them (``out`` left out), or None
+    when paths come from stdin (not known in advance). A walk of the tree, no model needed; nothing is opened."""
+    from vitattn.discovery import iter_inputs
+
+    if "-" in inputs.paths:
+        return None
+    items = iter_inputs(list(inputs.paths), recursive=inputs.recursive, stdin=None, exclude=[out])
+    return sum(1 for _ in items)
 
 
 def start_heatmap(

@@ -433,9 +433,10 @@ class HeatmapJob:
         """
         import numpy as np
 
-        from vitattn.colors import scale_maps
-        from vitattn.grids import GRID_TILE_SIDE, labelled_grid
-        from vitattn.overlays import mask_overlay, overlay_many
+        from vitattn.colors import map_ranges, scale_maps
+        from vitattn.grids import GRID_TILE_SIDE, labelled_grid, scale_labels
+        from vitattn.options import QueryKind
+        from vitattn.overlays import mark_patch, mask_overlay, overlay_many
 
         r = self.render
         ext, b = r.format.value, bm.block
@@ -452,6 +453,7 @@ class HeatmapJob:
         raw = np.concatenate([bm.heads, fused[None]], axis=0)  # (H' + 1, gh, gw)
         labels = [f"head {h}" for h in bm.head_ids] + [self.fuse.value]
         scaled = scale_maps(raw, shared=r.shared_scale)  # (H' + 1, gh, gw)
+        ranges = map_ranges(raw, shared=False)  # each tile's own values
         method = att.method
         if method is Method.raw:
             maps = raw  # what gets its own files
@@ -460,37 +462,62 @@ class HeatmapJob:
                 raise CaptureError(f"block {b}: no {method.value} map was computed")
             maps = bm.method_map[None]  # (1, gh, gw)
             scaled = np.concatenate([scale_maps(maps, shared=False), scaled], axis=0)  # (1 + H' + 1, gh, gw)
+            ranges = map_ranges(maps, shared=False) + ranges
             labels = [method.value] + [f"raw {label}" for label in labels]
+        q = att.query
+        cell = (q.row, q.col) if q.kind is QueryKind.patch else None
+
+        def marked(pics: list[Image.Image], photo: Image.Image, crop: Box) -> list[Image.Image]:
+            """The query patch outlined on every picture (``patch:R,C`` queries)."""
+            if cell is not None:
+                for pic in pics:
+                    mark_patch(pic, photo_size=photo.size, crop_box=crop, grid=fused.shape, cell=cell)
+            return pics
+
         names = files.maps
         pictures = overlay_many(
             prep.photo, scaled[: len(names)], crop_box=box, lut=self.lut, alpha=r.alpha, max_side=side
         )
-        for name, picture in zip(names, pictures, strict=True):
+        for name, picture in zip(names, marked(pictures, prep.photo, box), strict=True):
             save(name, picture)
+        tile = GRID_TILE_SIDE
+        tile_photo, tile_box = shrink(prep.photo, box, tile)
+        mask_tiles: list[tuple[str, Image.Image]] = []
         if files.masks:
             assert r.threshold is not None  # masks are listed only with a threshold
             top_color = self.lut[-1]  # the colormap's brightest colour outlines the masks
             color = (int(top_color[0]), int(top_color[1]), int(top_color[2]))
-            for name, heat in zip(files.masks, maps, strict=True):
+            mask_labels = labels[: len(files.masks)]
+            for name, heat, label in zip(files.masks, maps, mask_labels, strict=True):
                 mask = mass_mask(heat, r.threshold)  # (gh, gw) bool
                 picture = mask_overlay(prep.photo, mask, crop_box=box, color=color, max_side=side)
-                save(name, picture)
+                save(name, marked([picture], prep.photo, box)[0])
+                small_mask = mask_overlay(tile_photo, mask, crop_box=tile_box, color=color, max_side=tile)
+                small_mask = marked([small_mask], tile_photo, tile_box)[0]
+                mask_tiles.append((f"{label}: {r.threshold:.0%} of mass", small_mask))
         title = grid_title(self.loaded.spec, self.loaded.weights, b, att)
-        # Grid tiles: the written overlays halved (or quartered...) by pixel averaging when max_side is a
-        # multiple of the tile size (the default: 512 = 2 x 256), cheaper than drawing them again; otherwise,
-        # and for maps without files of their own, drawn at tile size from a small copy of the photo.
-        tile = GRID_TILE_SIDE
-        factor = side // tile if side > 0 and side % tile == 0 else 0
+        # Grid tiles: the written overlays halved (or quartered...) by pixel averaging when their long side is
+        # a multiple of the tile size (the default: 512 = 2 x 256), cheaper than drawing them again; otherwise
+        # (a smaller photo keeps its size: max_side never enlarges), and for maps without files of their own,
+        # drawn at tile size from a small copy of the photo.
+        long_side = max(pictures[0].size) if pictures else 0
+        factor = long_side // tile if long_side >= tile and long_side % tile == 0 else 0
         small = [p.reduce(factor) if factor > 1 else p for p in pictures] if factor else []
-        tile_photo, tile_box = shrink(prep.photo, box, tile)
         if len(small) < len(scaled):
-            small += overlay_many(
-                tile_photo, scaled[len(small) :], crop_box=tile_box, lut=self.lut, alpha=r.alpha, max_side=tile
+            small += marked(
+                overlay_many(
+                    tile_photo, scaled[len(small) :], crop_box=tile_box, lut=self.lut, alpha=r.alpha, max_side=tile
+                ),
+                tile_photo,
+                tile_box,
             )
         blank = np.zeros((1, *fused.shape), np.float32)  # alpha 0: just the dimmed photo
         plain = overlay_many(tile_photo, blank, crop_box=tile_box, lut=self.lut, alpha=0.0, max_side=tile)
-        tiles = [("photo", plain[0]), *zip(labels, small, strict=True)]
-        save(files.grid, labelled_grid(tiles, title=title))
+        shared_from = len(scaled) - len(raw) if r.shared_scale else None  # the raw tiles share one scale
+        which = "raw heads" if method is not Method.raw else "heads"
+        tile_labels, scale = scale_labels(labels, ranges, self.lut, shared_from=shared_from, shared_what=which)
+        tiles = [("photo", marked(plain, tile_photo, tile_box)[0]), *zip(tile_labels, small, strict=True), *mask_tiles]
+        save(files.grid, labelled_grid(tiles, title=title, scale=scale))
         if files.npy and keep_npy:
             size = rf.size(files.npy)
             assert size is not None  # checked by the caller

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from vitattn.adapters.base import Family, Site
 from vitattn.adapters.base import TokenLayout as TokenLayout  # re-exported: vitattn.models.TokenLayout
-from vitattn.errors import ModelError, UsageError, WeightsUnavailableError
+from vitattn.errors import DeviceError, ModelError, UsageError, WeightsUnavailableError
 from vitattn.options import DEFAULT_MODEL, Query
 
 if TYPE_CHECKING:
@@ -141,7 +141,12 @@ class LoadedModel:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an unavailable device is a usage error."""
+    """``auto`` picks cuda, then mps, then cpu.
+
+    Raises:
+        UsageError: not a device name at all (``foo``).
+        DeviceError: a device vitattn cannot run on (``hpu``, ``meta``) or that this machine lacks (fatal).
+    """
     import torch
 
     if device == "auto":
@@ -155,16 +160,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     except RuntimeError as exc:
         raise UsageError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)", option="device") from exc
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(
-            f"{device}: not a device vitattn runs on (use auto, cpu, cuda, cuda:N or mps)", option="device"
-        )
+        raise DeviceError(f"{device}: not a device vitattn runs on (use auto, cpu, cuda, cuda:N or mps)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"{device}: CUDA is not available on this machine (try cpu)", option="device")
+        raise DeviceError(f"{device}: CUDA is not available on this machine (try cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         n = torch.cuda.device_count()
-        raise UsageError(f"{device}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})", option="device")
+        raise DeviceError(f"{device}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError(f"{device}: MPS is not available on this machine (try cpu)", option="device")
+        raise DeviceError(f"{device}: MPS is not available on this machine (try cpu)")
     return dev
 
 
@@ -257,12 +260,11 @@ def _create(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
 
     if not spec.startswith(MODEL_SOURCES) and not timm.is_model(spec):
         raise UsageError(f"unknown model {spec!r}{_suggest(spec)}", option="model")
-    if spec.startswith("local-dir:"):
-        folder = Path(spec.removeprefix("local-dir:"))
-        if not (folder / "config.json").is_file():
-            raise ModelError(
-                f"{spec}: no config.json in {folder} (a local-dir: model is a folder with config.json and weights)"
-            )
+    folder = Path(spec.removeprefix("local-dir:")) if spec.startswith("local-dir:") else None
+    if folder is not None:
+        check_model_folder(folder, pretrained=pretrained)
+    if spec.startswith("hf-hub:"):
+        _check_hub_name(spec)
     if spec.startswith("hf-hub:") and not _hub_file_cached(spec.removeprefix("hf-hub:"), "config.json"):
         reason = _hub_unreachable()  # the config comes from the hub too, random weights or not
         if reason:
@@ -280,9 +282,127 @@ def _create(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
         if pretrained and not spec.startswith("local-dir:"):
             raise _weights_unavailable(spec, first) from exc
         raise ModelError(f"cannot load {spec}: {first}") from exc
-    except RuntimeError as exc:
-        raise ModelError(f"cannot create {spec}: {str(exc).splitlines()[0]}") from exc
+    except (RuntimeError, TypeError, ValueError, KeyError) as exc:  # e.g. model_args the model does not take
+        where = f" (check {folder / 'config.json'})" if folder is not None else ""
+        raise ModelError(f"cannot create {spec}: {_first_line(exc)}{where}") from exc
+    except Exception as exc:  # a weights reader's own error types (safetensors, pickle) for a bad file
+        raise ModelError(f"cannot load {spec}: {type(exc).__name__}: {_first_line(exc)}") from exc
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+#: Checkpoint names a local-dir: folder is searched for, in timm's order, then the first file per extension.
+_FOLDER_WEIGHTS = (
+    "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth", "open_clip_pytorch_model.bin"
+)
+_FOLDER_HINT = "a local-dir: model is a folder with config.json and weights"
+_WEIGHT_EXTENSIONS = (".safetensors", ".pth", ".pth.tar", ".bin")
+
+
+def check_model_folder(folder: Path, *, pretrained: bool) -> None:
+    """A ``local-dir:`` folder's config.json and (with ``pretrained``) weights file, checked before timm reads
+    them, so that a missing folder, invalid JSON or a corrupt checkpoint is one line naming the file.
+
+    Raises:
+        ModelError: the folder, its config.json or its weights file is missing or unreadable.
+    """
+    import json
+
+    import timm
+
+    spec = f"local-dir:{folder}"
+    if not folder.exists():
+        raise ModelError(f"{spec}: no such folder {folder}")
+    if not folder.is_dir():
+        raise ModelError(f"{spec}: {folder} is not a folder ({_FOLDER_HINT})")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{spec}: no config.json in {folder} ({_FOLDER_HINT})")
+    try:
+        cfg = json.loads(config.read_bytes())
+    except OSError as exc:
+        raise ModelError(f"{config}: cannot read it ({exc.strerror or type(exc).__name__})") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{config}: not valid JSON (not UTF-8 text)") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{config}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from exc
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not isinstance(arch, str) or not arch:
+        raise ModelError(f"{config}: no \"architecture\" (the timm model name of this folder)")
+    if not timm.is_model(arch):
+        raise ModelError(f"{config}: unknown architecture {arch!r}{_suggest(arch)}")
+    for key in ("model_args", "pretrained_cfg"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ModelError(f"{config}: \"{key}\" must be an object, not {type(cfg[key]).__name__}")
+    if not pretrained:
+        return
+    found = next((folder / n for n in _FOLDER_WEIGHTS if (folder / n).exists()), None)
+    for ext in _WEIGHT_EXTENSIONS if found is None else ():
+        found = next(iter(sorted(folder.glob(f"*{ext}"))), None)
+        if found is not None:
+            break
+    if found is None:
+        raise ModelError(f"{spec}: no weights file in {folder} (model.safetensors or pytorch_model.bin; "
+                         "--no-pretrained for random weights)")
+    check_checkpoint(found)
+
+
+def check_checkpoint(path: str | os.PathLike[str]) -> str:
+    """What kind of checkpoint a file is, from its first bytes: ``safetensors`` or ``torch``.
+
+    A safetensors file's header is read and checked against the file's size (a truncated or corrupt file
+    fails here); a torch file is recognised by its zip or pickle signature.
+
+    Raises:
+        ModelError: the file is missing, unreadable, not a checkpoint, or a damaged safetensors file.
+    """
+    import struct
+
+    name = os.fspath(path)
+    try:
+        size = os.path.getsize(name)
+        with open(name, "rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        reason = "no such file" if not os.path.exists(name) else (exc.strerror or type(exc).__name__)
+        raise ModelError(f"weights file {name}: {reason}") from exc
+    if os.path.isdir(name):
+        raise ModelError(f"weights file {name}: is a folder")
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save: a zip archive, or a legacy pickle
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte little-endian header length, then JSON
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 8 + header_len > size:
+            raise ModelError(f"weights file {name}: truncated safetensors file (its header alone needs "
+                             f"{8 + header_len} bytes, the file has {size})")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(name, framework="pt"):  # checks the header and that the tensors cover the file
+                pass
+        except Exception as exc:
+            raise ModelError(f"weights file {name}: damaged safetensors file ({_first_line(exc)})") from exc
+        return "safetensors"
+    what = "an empty file" if size == 0 else "not a checkpoint"
+    raise ModelError(f"weights file {name}: {what} (expected a .safetensors file or a torch .pth/.pt/.bin)")
+
+
+def _check_hub_name(spec: str) -> None:
+    """``hf-hub:ORG/NAME[@REVISION]`` with a repository name the hub accepts (no ``..``, no slashes beyond one)."""
+    repo = spec.removeprefix("hf-hub:").split("@", 1)[0]
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(repo)
+        ok = repo.count("/") <= 1
+    except Exception:
+        ok = False
+    if not ok:
+        raise ModelError(f"{spec}: {repo!r} is not a Hugging Face hub repository name (hf-hub:ORG/NAME)")
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
@@ -297,8 +417,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     from timm.models import load_state_dict
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelError(f"weights file {path}: no such file")
+    check_checkpoint(path)
     try:
         state = load_state_dict(path, use_ema=True)
     except Exception as exc:  # torch.load / safetensors raise many types for unreadable files
@@ -416,17 +535,79 @@ def wrap_model(model: nn.Module, *, spec: str | None = None, weights: str = "cal
 
     device = param.device if param is not None else torch.device("cpu")
     labels, imagenet = _labels(model)
+    data_config = dict(resolve_model_data_config(model))
+    check_data_config(data_config, name, channels=_in_channels(model))
     return LoadedModel(
         model=model,
         spec=name,
         weights=weights,
         layout=family.layout,
-        data_config=dict(resolve_model_data_config(model)),
+        data_config=data_config,
         device=device,
         labels=labels,
         imagenet_head=imagenet,
         family=family,
     )
+
+
+def _in_channels(model: nn.Module) -> int | None:
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    channels = getattr(proj, "in_channels", None)
+    return int(channels) if isinstance(channels, int) else None
+
+
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def check_data_config(cfg: dict[str, Any], spec: str, *, channels: int | None = None) -> None:
+    """A model's preprocessing config, checked once at load: a bad one would fail every input.
+
+    Checks ``input_size`` (channels, height, width: positive integers; the channels those of the patch
+    embedding), ``mean`` and ``std`` (one finite number per channel, ``std`` > 0), ``crop_pct`` (finite, > 0)
+    and ``interpolation``; then runs the model's own evaluation transform once on a small grey picture.
+
+    Raises:
+        ModelError: the first value that is wrong, named with the config it comes from.
+    """
+    import math
+
+    where = f"{spec}: preprocessing config"
+    size = cfg.get("input_size")
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        raise ModelError(f"{where}: input_size must be three positive integers (channels, height, width), got {size!r}")
+    if channels is not None and size[0] != channels:
+        raise ModelError(f"{where}: input_size has {size[0]} channels but the model takes {channels}")
+    for key in ("mean", "std"):
+        values = cfg.get(key)
+        if not isinstance(values, (tuple, list)) or len(values) != size[0]:
+            raise ModelError(f"{where}: {key} must have one value per channel ({size[0]}), got {values!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ModelError(f"{where}: {key} must be finite numbers, got {list(values)!r}")
+    if any(v <= 0 for v in cfg["std"]):
+        raise ModelError(f"{where}: std must be above 0 (pixels are divided by it), got {list(cfg['std'])!r}")
+    crop = cfg.get("crop_pct")
+    if crop is not None and (
+        isinstance(crop, bool) or not isinstance(crop, (int, float)) or not math.isfinite(crop) or crop <= 0
+    ):
+        raise ModelError(f"{where}: crop_pct must be a number above 0 (1.0: no crop), got {crop!r}")
+    interp = cfg.get("interpolation")
+    if interp is not None and interp not in _INTERPOLATIONS:
+        raise ModelError(f"{where}: unknown interpolation {interp!r} (use one of {', '.join(_INTERPOLATIONS)})")
+    from PIL import Image
+    from timm.data import create_transform
+
+    _, h, w = size
+    try:  # the transform, once: what it makes of a picture must be the model's input
+        out = create_transform(**cfg, is_training=False)(Image.new("RGB", (w * 2, h * 2), (128, 128, 128)))
+        shape = tuple(out.shape)
+    except Exception as exc:
+        raise ModelError(f"{where}: its transform fails ({_first_line(exc)})") from exc
+    if shape != tuple(size):
+        raise ModelError(f"{where}: its transform makes {list(shape)} pictures, not input_size {list(size)}")
 
 
 def describe(loaded: LoadedModel) -> dict[str, Any]:

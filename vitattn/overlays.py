@@ -26,7 +26,8 @@ def _dim_table(dim: float) -> list[int]:
 
 
 def _output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    if max_side == 0:
+    """The photo's size capped to ``max_side`` on its long side; never enlarged (0: no cap)."""
+    if max_side == 0 or max(width, height) <= max_side:
         return width, height
     scale = max_side / max(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
@@ -39,8 +40,6 @@ def _fit_photo(photo: Image.Image, max_side: int) -> Image.Image:
     size = _output_size(photo.width, photo.height, max_side)
     if size == photo.size:
         return photo
-    if size[0] > photo.width or size[1] > photo.height:
-        return photo.resize(size, Image.Resampling.BICUBIC)
     return photo.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)  # antialiased
 
 
@@ -226,9 +225,8 @@ def overlay(
 ) -> Image.Image:
     """Blend a heat map onto the part of a photo the model saw; dim the rest.
 
-    The photo is resized so that its long side is ``max_side`` -- small photos are scaled *up*
-    too (bicubic), so every output has the same long side and tiny inputs stay visible; large ones
-    are scaled down (bilinear, antialiased). The heat map is bilinearly upsampled onto
+    A photo whose long side exceeds ``max_side`` is scaled down to it (bilinear, antialiased); smaller
+    photos keep their size (``max_side`` caps, it never enlarges). The heat map is bilinearly upsampled onto
     ``crop_box`` (cell centres at the centres of the grid cells that tile the box, edge values
     held out to the box's borders), coloured through ``lut`` and alpha-blended there; pixels
     whose centres lie outside the box are multiplied by ``1 - dim``. A box reaching past the
@@ -247,7 +245,7 @@ def overlay(
         dim: How much to darken outside the crop region, 0 (not at all) .. 1 (black).
 
     Returns:
-        A new PIL RGB image, size (W', H') with max(W', H') == max_side (or (W, H)).
+        A new PIL RGB image, size (W', H') with max(W', H') == min(max_side, max(W, H)) (or (W, H)).
 
     Raises:
         UsageError: ``alpha`` or ``dim`` outside [0, 1], or ``max_side`` negative.
@@ -329,3 +327,53 @@ def mask_overlay(
     out = base.copy()
     out.paste(shown, place.origin)
     return out
+
+
+#: The query patch's outline: a colour no common colormap has, with a dark edge so it shows on light photos.
+QUERY_MARK = (0, 255, 255)
+_QUERY_EDGE = (0, 0, 0)
+
+
+def mark_patch(
+    picture: Image.Image,
+    *,
+    photo_size: tuple[int, int],
+    crop_box: tuple[float, float, float, float],
+    grid: tuple[int, int],
+    cell: tuple[int, int],
+    line: int = 0,
+) -> Image.Image:
+    """Outline one patch of the model's grid on a picture drawn from the photo (in place; returned).
+
+    The picture may be the photo at another size (an overlay, a grid tile): the crop box, given in
+    ``photo_size`` pixels, is scaled to it. The outline lies just outside the patch (``QUERY_MARK``, with a
+    one-pixel dark edge inside and out), so the patch's own colours stay visible.
+
+    Args:
+        picture: RGB picture of the photo (any size); drawn on.
+        photo_size: (width, height) of the photo ``crop_box`` refers to.
+        crop_box: (left, top, right, bottom): the region the model's input covered, in photo pixels.
+        grid: (rows, cols) of the patch grid over the crop box.
+        cell: (row, col) of the patch to mark.
+        line: outline width in pixels; 0 picks about 1/150 of the picture's long side (at least 2).
+
+    Raises:
+        ValueError: the cell is outside the grid, or the crop box is empty or not finite.
+    """
+    from PIL import ImageDraw
+
+    _check_crop_box(crop_box)
+    (gh, gw), (r, c) = grid, cell
+    if not (0 <= r < gh and 0 <= c < gw):
+        raise ValueError(f"cell {cell} is outside the {gh}x{gw} grid")
+    sx, sy = picture.width / photo_size[0], picture.height / photo_size[1]
+    left, top, right, bottom = crop_box
+    cw, ch = (right - left) * sx / gw, (bottom - top) * sy / gh
+    x0, y0 = left * sx + c * cw, top * sy + r * ch
+    x1, y1 = x0 + cw, y0 + ch
+    width = line or max(2, round(max(picture.size) / 150))
+    draw = ImageDraw.Draw(picture)
+    outer = (round(x0) - width - 1, round(y0) - width - 1, round(x1) + width, round(y1) + width)
+    draw.rectangle(outer, outline=_QUERY_EDGE, width=width + 2)
+    draw.rectangle((outer[0] + 1, outer[1] + 1, outer[2] - 1, outer[3] - 1), outline=QUERY_MARK, width=width)
+    return picture

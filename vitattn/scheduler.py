@@ -42,12 +42,15 @@ class Scheduler:
         self.options = options or job.run_options
         self._stop = False
         self._write_failed = False  # fail_fast: a write failed, so no more inputs are taken
+        self.unreported: list[Outcome] = []  # finished but not yielded when the run was stopped
 
     def run(self, items: Iterable[InputItem]) -> Generator[Outcome, None, None]:
         """Process every input; yields one :class:`Outcome` per input, in input order.
 
-        Closing the generator (or an exception in the caller) drains the write workers: no file is left
-        half-written, and the results already written stay.
+        Closing the generator (or an exception in the caller, or Ctrl-C) drains the write workers: no file is
+        left half-written, and the results already written stay. The outcomes that were finished by then but
+        not yielded (behind an unfinished one, or written while draining) are in :attr:`unreported`, in input
+        order, so that every completed result can still be reported.
 
         Raises:
             OutputError: the output tree cannot be written (disk full, read-only): fatal for the run.
@@ -108,11 +111,9 @@ class Scheduler:
                 yield from self._drain(pending, limit=0)
             finally:
                 feed.close()
-                for slot in pending:
-                    if isinstance(slot.value, Future):
-                        slot.value.cancel()
                 loaders.shutdown(wait=True, cancel_futures=True)
-                writers.shutdown(wait=True, cancel_futures=True)
+                writers.shutdown(wait=True, cancel_futures=True)  # writes already started finish
+                self.unreported = _finished(pending)
 
     def _submit(self, cap: AttentionCapture, batch: list[tuple[Prepared, _Slot]], writers: ThreadPoolExecutor) -> bool:
         """Run one batch and hand its results to the write workers; True when the batch failed."""
@@ -148,6 +149,20 @@ class Scheduler:
             if self.options.fail_fast and outcome.status == "error":
                 self._stop = True
                 return
+
+
+def _finished(pending: Iterable[_Slot]) -> list[Outcome]:
+    """The outcomes among ``pending`` that are complete (written, skipped or failed), in input order."""
+    done = []
+    for slot in pending:
+        value = slot.value
+        if isinstance(value, Future):
+            if not value.done() or value.cancelled() or value.exception() is not None:
+                continue
+            value = value.result()
+        if isinstance(value, Outcome):
+            done.append(value)
+    return done
 
 
 _IDLE = object()
