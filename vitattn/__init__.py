@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from vitattn.decoding import LoadedImage, load_image
     from vitattn.errors import (
         CaptureError,
+        EngineError,
         InputError,
         ModelError,
         OutputError,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from vitattn.options import (
         DEFAULT_MODEL,
         AttentionOptions,
+        Engine,
         HeadFusion,
         ImageFormat,
         InputOptions,
@@ -53,6 +55,8 @@ _EXPORTS = {
     "BlockMaps": "vitattn.attention",
     "CaptureError": "vitattn.errors",
     "DEFAULT_MODEL": "vitattn.options",
+    "Engine": "vitattn.options",
+    "EngineError": "vitattn.errors",
     "HeadFusion": "vitattn.options",
     "HeatmapRun": "vitattn.heatmap",
     "ImageAttention": "vitattn.attention",
@@ -114,6 +118,8 @@ __all__ = [
     "AttentionOptions",
     "BlockMaps",
     "CaptureError",
+    "Engine",
+    "EngineError",
     "HeadFusion",
     "HeatmapRun",
     "ImageAttention",
