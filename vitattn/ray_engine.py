@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import socket
+import sys
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -154,25 +155,56 @@ def _ray_session(address: str | None) -> Iterator[None]:
     import ray
 
     if ray.is_initialized():
-        yield
+        with _notices_to_stderr():
+            yield
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     # stdout carries data only and stderr our lines: no worker logs forwarded, Ray's own notices muted
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address == "local":
         kwargs["include_dashboard"] = False
-    try:
-        ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        lines = str(exc).strip().splitlines()
-        detail = lines[0] if lines else type(exc).__name__
-        raise EngineError(f"cannot connect to the Ray cluster at {address}: {detail}") from exc
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    with _notices_to_stderr():
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            lines = str(exc).strip().splitlines()
+            detail = lines[0] if lines else type(exc).__name__
+            raise EngineError(f"cannot connect to the Ray cluster at {address}: {detail}") from exc
+        logging.getLogger("ray").setLevel(logging.ERROR)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+class _TextToStderr:
+    """Stands in for ``sys.stdout``: text goes to stderr, the binary ``buffer`` (where data lines go) to stdout."""
+
+    def __init__(self, stdout: Any) -> None:
+        self._stdout = stdout
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+        self._stdout.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stdout, name)
+
+
+@contextlib.contextmanager
+def _notices_to_stderr() -> Iterator[None]:
+    """Ray prints its notices (``(raylet) A worker died...``) on ``sys.stdout``, where vitattn writes only data:
+    while the run lasts, text printed there goes to stderr."""
+    stdout = sys.stdout
+    sys.stdout = _TextToStderr(stdout)  # type: ignore[assignment]
     try:
         yield
     finally:
-        ray.shutdown()
+        sys.stdout = stdout
 
 
 class _Marker:
