@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, BinaryIO
 
 from vitattn.attention import Settings, resolve_settings
+from vitattn.errors import UsageError
 from vitattn.job import HeatmapJob, Outcome
 from vitattn.models import LoadedModel, load_model
-from vitattn.errors import UsageError
 from vitattn.options import AttentionOptions, Engine, InputOptions, ModelOptions, RenderOptions, RunOptions
 
 if TYPE_CHECKING:

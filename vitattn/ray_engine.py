@@ -118,7 +118,8 @@ class RayEngine:
         n = len(rows)
         blocks = max(1, min(n // opts.batch_size + 1, 256))
         low, high = _replicas(opts)
-        pool = ray.data.ActorPoolStrategy(size=low) if low == high else ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+        strategy = ray.data.ActorPoolStrategy
+        pool = strategy(size=low) if low == high else strategy(min_size=low, max_size=high)
         ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             _Replica,
             fn_constructor_args=(self.spec, _WorkerContext(cwd=os.getcwd(), marker=str(marker.path))),
@@ -200,7 +201,7 @@ def _notices_to_stderr() -> Iterator[None]:
     """Ray prints its notices (``(raylet) A worker died...``) on ``sys.stdout``, where vitattn writes only data:
     while the run lasts, text printed there goes to stderr."""
     stdout = sys.stdout
-    sys.stdout = _TextToStderr(stdout)  # type: ignore[assignment]
+    sys.stdout = _TextToStderr(stdout)
     try:
         yield
     finally:
@@ -216,7 +217,10 @@ class _Marker:
     def __enter__(self) -> _Marker:
         from vitattn.outputs import atomic_write
 
-        atomic_write(self.path, lambda tmp: tmp.write_bytes(socket.gethostname().encode() + b"\n"))
+        def write(tmp: Path) -> None:
+            tmp.write_bytes(socket.gethostname().encode() + b"\n")  # who started the run
+
+        atomic_write(self.path, write)
         return self
 
     def __exit__(self, *exc: object) -> None:
