@@ -274,3 +274,29 @@ def test_ray_options_are_checked_before_anything_runs() -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip() == "vitattn: error: --ray-workers: '4-2': at least 1 worker, and MIN at most MAX"
+
+
+def test_a_worker_that_does_not_see_the_output_folder_stops_the_run(tmp_path: Path) -> None:
+    """The replica class itself (what each Ray actor runs), with a marker its node does not have."""
+    import socket
+
+    from vitattn.discovery import InputItem
+    from vitattn.errors import EngineError
+    from vitattn.heatmap import HeatmapSpec
+    from vitattn.options import ModelOptions, RenderOptions, RunOptions
+    from vitattn.ray_engine import _COLUMN, _Replica, _WorkerContext
+
+    spec = HeatmapSpec(ModelOptions("test_vit", pretrained=False), None, RenderOptions(out=tmp_path), RunOptions())
+    marker = tmp_path / "elsewhere" / f"{MARKER_PREFIX}0"
+    cwd = os.getcwd()
+    try:
+        replica = _Replica(spec, _WorkerContext(cwd=str(tmp_path), marker=str(marker)))
+        rows = replica({_COLUMN: np.array([pickle.dumps(InputItem("a.png", "a.png"))], dtype=object)})
+    finally:
+        os.chdir(cwd)
+    [error] = [pickle.loads(v) for v in rows[_COLUMN]]
+    assert isinstance(error, EngineError) and error.exit_code == 3
+    assert str(error) == (
+        f"worker node {socket.gethostname()} does not see the output folder {marker.parent}: it must be a path "
+        "every node sees (a shared filesystem mounted at the same place)"
+    )
