@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from PIL import Image
 from vitattn.errors import InputError, Reason, UsageError
 from vitattn.outputs import META, TMP_MARK
 from vitattn.ray_engine import MARKER_PREFIX
+from vitattn.records import TIMINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["-m", "test_vit", "--no-pretrained"]
@@ -124,6 +126,13 @@ def error_lines(stderr: str) -> set[str]:
     return {line for line in stderr.splitlines() if line.startswith("vitattn: error:")}
 
 
+def without_timings(meta: dict[str, Any]) -> dict[str, Any]:
+    """A meta.json without when each result was written and how long it took."""
+    results = {name: {k: v for k, v in entry.items() if k not in TIMINGS} for name, entry in meta["results"].items()}
+    assert results and all(set(TIMINGS) <= set(entry) for entry in meta["results"].values())
+    return {**meta, "results": results}
+
+
 def summary(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]
 
@@ -157,7 +166,7 @@ def test_ray_engine_writes_what_the_local_engine_writes(ray_cluster: Cluster, tm
             a, b = (np.load(tmp_path / side / name) for side in ("local", "ray"))
             assert a.dtype == b.dtype and np.array_equal(a, b), name
         elif name.endswith(META):
-            assert json.loads(ray_files[name]) == json.loads(data), name
+            assert without_timings(json.loads(ray_files[name])) == without_timings(json.loads(data)), name
         else:
             assert ray_files[name] == data, name  # pictures too: the same code drew them
 
@@ -291,10 +300,10 @@ def test_a_worker_that_does_not_see_the_output_folder_stops_the_run(tmp_path: Pa
     cwd = os.getcwd()
     try:
         replica = _Replica(spec, _WorkerContext(cwd=str(tmp_path), marker=str(marker)))
-        rows = replica({_COLUMN: np.array([pickle.dumps(InputItem("a.png", "a.png"))], dtype=object)})
+        rows = replica({_COLUMN: np.array([pickle.dumps((0, InputItem("a.png", "a.png")))], dtype=object)})
     finally:
         os.chdir(cwd)
-    [error] = [pickle.loads(v) for v in rows[_COLUMN]]
+    [(_, error)] = [pickle.loads(v) for v in rows[_COLUMN]]
     assert isinstance(error, EngineError) and error.exit_code == 3
     assert str(error) == (
         f"worker node {socket.gethostname()} does not see the output folder {marker.parent}: it must be a path "

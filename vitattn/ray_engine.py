@@ -87,19 +87,20 @@ class RayEngine:
             EngineError: the cluster cannot be reached, or an actor cannot see the output folder.
             OutputError, ModelError, UsageError: as for the local engine, raised on an actor.
         """
-        rows = [{_COLUMN: pickle.dumps(item)} for item in items]  # discovered on the driver, in input order
+        # discovered on the driver, in input order; the index tells inputs apart (a duplicate shares its name)
+        rows = [{_COLUMN: pickle.dumps((i, item))} for i, item in enumerate(items)]
         if not rows:
             return
         with _ray_session(self.options.ray_address), _Marker(self.out) as marker:
             stream = self._stream(rows, marker)
-            done: set[str] = set()
+            done: set[int] = set()
             try:
-                for value in stream:
+                for index, value in stream:
                     if isinstance(value, BaseException):
                         raise value
-                    if value.item.rel in done:  # a retried batch reports an input again: count it once
+                    if index in done:  # a retried batch reports an input again: count it once
                         continue
-                    done.add(value.item.rel)
+                    done.add(index)
                     yield value
                     if self.options.fail_fast and value.status == "error":
                         return
@@ -108,7 +109,7 @@ class RayEngine:
                 for _ in stream:  # the batches in flight finish their writes
                     pass
 
-    def _stream(self, rows: list[dict[str, bytes]], marker: _Marker) -> Iterator[Outcome | BaseException]:
+    def _stream(self, rows: list[dict[str, bytes]], marker: _Marker) -> Iterator[tuple[int, Outcome | BaseException]]:
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
@@ -272,21 +273,22 @@ class _Replica:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        items = [pickle.loads(v) for v in batch[_COLUMN]]
+        indexed: list[tuple[int, InputItem]] = [pickle.loads(v) for v in batch[_COLUMN]]
+        indices, items = [i for i, _ in indexed], [item for _, item in indexed]
         if self.fatal is None and not self.cwd_ok and any(not os.path.isabs(i.path) for i in items):
             self.fatal = EngineError(
                 f"inputs are named relative to {display_path(self.context.cwd)}, which worker node "
                 f"{socket.gethostname()} does not have: give absolute paths, or run from a shared folder"
             )
         if self.fatal is not None:
-            values: list[Any] = [self.fatal]
+            values: list[tuple[int, Any]] = [(-1, self.fatal)]
         elif not os.path.exists(self.context.marker):
             values = []  # the driver stopped the run: take no new batch
         else:
             try:
-                values = [self._counted(o) for o in self.job.run_batch(items)]
+                values = list(zip(indices, [self._counted(o) for o in self.job.run_batch(items)], strict=True))
             except Exception as exc:
-                values = [_fatal(exc)]
+                values = [(-1, _fatal(exc))]
         return {_COLUMN: np.array([pickle.dumps(v) for v in values], dtype=object)}
 
     def _counted(self, outcome: Outcome) -> Outcome:
