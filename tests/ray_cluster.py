@@ -4,9 +4,10 @@
 runs until its stdin closes (the test session ends, or pytest dies), then shuts the node down, which stops the
 processes it started.
 
-``python tests/ray_cluster.py --replica-pid ADDRESS`` waits until a model replica of a vitattn run is alive on
-that cluster and prints the PID of its worker process, read from the cluster's actor table (the GCS state that
-``ray list actors`` shows; the state API's HTTP server is the dashboard, which the test cluster does without).
+``python tests/ray_cluster.py --replica-pid ADDRESS`` connects (and says ``connected``), waits until a model
+replica of a vitattn run is alive on that cluster and prints the PID of its worker process, read from the
+cluster's actor table (the GCS state that ``ray list actors`` shows; the state API's HTTP server is the
+dashboard, which the test cluster does without).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def replica_pid(address: str, timeout: float = 120.0) -> int:
     from ray._private import state
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    print("connected", flush=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for actor in state.actors().values():

@@ -98,11 +98,11 @@ def ray_args(cluster: Cluster, workers: int = 1) -> list[str]:
     return ["--engine", "ray", "--ray-address", cluster.address, "--ray-workers", str(workers)]
 
 
-def make_inputs(folder: Path, n: int, *, bad: bool = True) -> None:
+def make_inputs(folder: Path, n: int, *, bad: bool = True, scale: int = 1) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-        h, w = 40 + 7 * i, 64 - 3 * (i % 5)
+        h, w = (40 + 7 * i) * scale, (64 - 3 * (i % 5)) * scale
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
     if bad:
         (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -120,6 +120,19 @@ def tree(out: Path) -> dict[str, bytes]:
 
 def meta_files(out: Path) -> list[Path]:
     return list(out.rglob(META))
+
+
+def complete_results(out: Path) -> list[Path]:
+    """The meta.json files whose every result is complete (a result is recorded as pending before its files)."""
+    done = []
+    for path in meta_files(out):
+        try:
+            results = json.loads(path.read_text())["results"].values()
+        except (OSError, ValueError, KeyError):
+            continue
+        if results and all(entry.get("state") == "complete" for entry in results):
+            done.append(path)
+    return done
 
 
 def error_lines(stderr: str) -> set[str]:
@@ -172,28 +185,32 @@ def test_ray_engine_writes_what_the_local_engine_writes(ray_cluster: Cluster, tm
 
 
 def test_a_worker_killed_mid_run_loses_nothing_and_repeats_nothing(ray_cluster: Cluster, tmp_path: Path) -> None:
-    n = 24
-    make_inputs(tmp_path / "in", n, bad=False)
+    n = 40  # larger pictures: the run lasts long enough to be cut in the middle
+    make_inputs(tmp_path / "in", n, bad=False, scale=4)
     out = tmp_path / "out"
+    lookup = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "ray_cluster.py"), "--replica-pid", ray_cluster.address],
+        env=ray_cluster.env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert lookup.stdout is not None
+    assert lookup.stdout.readline().strip() == "connected"  # watching before the run starts
     driver = subprocess.Popen(
         [sys.executable, "-m", "vitattn", "heatmap", "in", *MODEL, "--json", "--batch-size", "2", "-o", "out",
          *ray_args(ray_cluster)],
         cwd=tmp_path, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        lookup = subprocess.run(
-            [sys.executable, str(ROOT / "tests" / "ray_cluster.py"), "--replica-pid", ray_cluster.address],
-            env=ray_cluster.env, capture_output=True, text=True, timeout=200, check=True,
-        )  # fmt: skip
-        pid = int(lookup.stdout.strip())
+        pid = int(lookup.stdout.readline().strip())
+        lookup.wait(timeout=60)
         deadline = time.monotonic() + 200
-        while not meta_files(out) and time.monotonic() < deadline:  # the replica is at work
+        while not complete_results(out) and time.monotonic() < deadline:  # the replica is at work
             time.sleep(0.01)
         os.kill(pid, signal.SIGKILL)
-        done_at_kill = len(meta_files(out))
+        done_at_kill = len(complete_results(out))
         stdout, stderr = driver.communicate(timeout=300)
     finally:
         driver.kill()
+        lookup.kill()
     assert 1 <= done_at_kill < n, "the worker must die mid-run"
     assert driver.returncode == 0, stderr
     recs = records(stdout)
@@ -220,7 +237,7 @@ def test_an_interrupted_driver_resumes_where_it_stopped(ray_cluster: Cluster, tm
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 200
-        while not meta_files(out) and time.monotonic() < deadline:
+        while not complete_results(out) and time.monotonic() < deadline:
             time.sleep(0.01)
         driver.send_signal(signal.SIGINT)
         stdout, stderr = driver.communicate(timeout=120)
@@ -229,8 +246,9 @@ def test_an_interrupted_driver_resumes_where_it_stopped(ray_cluster: Cluster, tm
     assert driver.returncode == 130, stderr
     done = {str(r["input"]) for r in records(stdout) if r["status"] == "ok"}
     finished = len(meta_files(out))
+    assert len(complete_results(out)) == finished  # nothing left pending
     assert 1 <= finished < n, "the driver must stop mid-run"
-    assert len(done) <= finished  # results finished while the driver waited for the batches in flight
+    assert len(done) == finished  # the batches in flight at Ctrl-C finished, and were reported
     # the batches in flight finished: nothing half-written, and the run's marker is gone
     assert [p for p in out.rglob("*") if TMP_MARK in p.name or p.name.startswith(MARKER_PREFIX)] == []
 

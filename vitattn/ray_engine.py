@@ -21,10 +21,12 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
 import socket
 import sys
+import threading
 import uuid
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -80,8 +82,9 @@ class RayEngine:
     def run(self, items: Iterable[InputItem]) -> Generator[Outcome, None, None]:
         """Process every input on the cluster; yields one :class:`Outcome` per input, in finishing order.
 
-        Closing the generator (or an exception in the caller) stops the cluster taking new batches and waits
-        for those in flight; a second Ctrl-C stops waiting.
+        Ctrl-C (in the main thread) stops the cluster taking new batches; the batches in flight finish and
+        are reported, then KeyboardInterrupt is raised; a second Ctrl-C stops at once. Closing the generator
+        (or an exception in the caller) also stops new batches and waits for those in flight.
 
         Raises:
             EngineError: the cluster cannot be reached, or an actor cannot see the output folder.
@@ -91,12 +94,18 @@ class RayEngine:
         rows = [{_COLUMN: pickle.dumps((i, item))} for i, item in enumerate(items)]
         if not rows:
             return
-        with _ray_session(self.options.ray_address), _Marker(self.out) as marker:
+        with (
+            _ray_session(self.options.ray_address),
+            _Marker(self.out) as marker,
+            _first_interrupt(marker.remove) as interrupted,
+        ):
             stream = self._stream(rows, marker)
             done: set[int] = set()
             try:
                 for index, value in stream:
                     if isinstance(value, BaseException):
+                        if interrupted():  # e.g. an actor that started after the marker was removed
+                            continue
                         raise value
                     if index in done:  # a retried batch reports an input again: count it once
                         continue
@@ -104,6 +113,8 @@ class RayEngine:
                     yield value
                     if self.options.fail_fast and value.status == "error":
                         return
+                if interrupted():  # Ctrl-C: the batches in flight are done, and reported
+                    raise KeyboardInterrupt
             finally:
                 marker.remove()  # actors take no new batch
                 for _ in stream:  # the batches in flight finish their writes
@@ -178,6 +189,32 @@ def _ray_session(address: str | None) -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _first_interrupt(stop: Callable[[], None]) -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C (SIGINT) calls ``stop`` and lets the run drain its batches in flight (a
+    KeyboardInterrupt raised inside Ray's iterator would cut it short, and the actors with it); a second one
+    interrupts at once. Yields whether it came. Only the main thread receives signals: elsewhere, nothing."""
+    came = False
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: came
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal came
+        came = True
+        stop()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler not set from Python
+        previous = signal.default_int_handler
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: came
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _TextToStderr:
