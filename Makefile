@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
 lint: install
@@ -26,6 +26,7 @@ demo: install
 
 bench: install
 	$(PY) -m tools.bench
+	$(PY) -m tools.bench_ray
 
 clean:
 	rm -rf vitattn-out .pytest_cache .mypy_cache .ruff_cache

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from vitattn.decoding import LoadedImage, load_image
     from vitattn.errors import (
         CaptureError,
+        EngineError,
         InputError,
         ModelError,
         OutputError,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from vitattn.options import (
         DEFAULT_MODEL,
         AttentionOptions,
+        Engine,
         HeadFusion,
         ImageFormat,
         InputOptions,
@@ -58,6 +60,8 @@ _EXPORTS = {
     "CaptureError": "vitattn.errors",
     "DatasetStats": "vitattn.stats_report",
     "DEFAULT_MODEL": "vitattn.options",
+    "Engine": "vitattn.options",
+    "EngineError": "vitattn.errors",
     "HeadFusion": "vitattn.options",
     "HeatmapRun": "vitattn.heatmap",
     "ImageAttention": "vitattn.attention",
@@ -124,6 +128,8 @@ __all__ = [
     "BlockMaps",
     "CaptureError",
     "DatasetStats",
+    "Engine",
+    "EngineError",
     "HeadFusion",
     "HeatmapRun",
     "ImageAttention",

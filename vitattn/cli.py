@@ -23,6 +23,7 @@ from vitattn.options import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
     AttentionOptions,
+    Engine,
     HeadFusion,
     ImageFormat,
     InputOptions,
@@ -33,6 +34,7 @@ from vitattn.options import (
     RenderOptions,
     RunOptions,
     StatsOptions,
+    parse_ray_workers,
 )
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ FLAGS = {
     "cmap": "--cmap",
     "device": "--device",
     "discard_ratio": "--discard-ratio",
+    "engine": "--engine",
     "format": "--format",
     "fuse": "--fuse",
     "heads": "--heads",
@@ -58,6 +61,8 @@ FLAGS = {
     "out": "--out",
     "precision": "--precision",
     "query": "--query",
+    "ray_gpus_per_worker": "--ray-gpus-per-worker",
+    "ray_workers": "--ray-workers",
     "target_class": "--target-class",
     "threshold": "--threshold",
     "top_k": "--top-k",
@@ -492,6 +497,39 @@ def heatmap(
             "--progress", help="Show progress on stderr even when it is not a terminal (on a terminal: always)."
         ),
     ] = False,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            "--engine",
+            case_sensitive=False,
+            help="local: this machine; ray: a Ray cluster (pip install 'vitattn[ray]'), where --out and the "
+            "inputs must be paths every node sees. JSON records then come in finishing order.",
+        ),
+    ] = RunOptions.engine,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            metavar="ADDR",
+            help="--engine ray: the cluster (host:port, or auto for the one `ray start` runs here).",
+            show_default="$RAY_ADDRESS, else a local Ray started for the run",
+        ),
+    ] = RunOptions.ray_address,
+    ray_workers: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-workers",
+            metavar="N|MIN-MAX",
+            help="--engine ray: model replicas, fixed or autoscaled between MIN and MAX.",
+            show_default="as many as the cluster's CPUs (or GPUs) allow",
+        ),
+    ] = None,
+    ray_gpus_per_worker: Annotated[
+        float,
+        typer.Option(
+            "--ray-gpus-per-worker", min=0.0, help="--engine ray: GPUs each replica reserves (0.5: two share one)."
+        ),
+    ] = RunOptions.ray_gpus_per_worker,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Draw the attention of chosen blocks' heads, or a rollout of them, over each picture."""
@@ -547,6 +585,10 @@ def heatmap(
                 overwrite=overwrite,
                 fail_fast=fail_fast,
                 max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None),
+                engine=engine,
+                ray_address=ray_address,
+                ray_workers=parse_ray_workers(ray_workers),
+                ray_gpus_per_worker=ray_gpus_per_worker,
             ),
         )
 

@@ -65,6 +65,9 @@ class UsageError(VitattnError):
         super().__init__(message)
         self.option = option
 
+    def __reduce__(self) -> tuple[object, ...]:  # pickled with its option (errors travel back from Ray workers)
+        return _rebuild_usage_error, (type(self), str(self), self.option)
+
 
 class ModelError(VitattnError):
     """The model or its weights could not be loaded."""
@@ -99,6 +102,13 @@ class OutputError(VitattnError):
     exit_code = ExitCode.FATAL
 
 
+class EngineError(VitattnError):
+    """The engine that runs the batches failed: a cluster that cannot be reached, or whose workers cannot
+    see the output folder."""
+
+    exit_code = ExitCode.FATAL
+
+
 class InputError(VitattnError):
     """One input failed. The batch goes on; the run exits 1 at the end."""
 
@@ -110,10 +120,17 @@ class InputError(VitattnError):
         self.detail = detail
         super().__init__(f"{display_path(path)}: {self.message}")
 
+    def __reduce__(self) -> tuple[object, ...]:  # Exception pickles its args, which are the message only
+        return type(self), (self.path, self.reason, self.detail)
+
     @property
     def message(self) -> str:
         """The reason, with its detail when there is one (``image too large (...)``)."""
         return f"{self.reason} ({self.detail})" if self.detail else self.reason
+
+
+def _rebuild_usage_error(cls: type[UsageError], message: str, option: str | None) -> UsageError:
+    return cls(message, option=option)
 
 
 def display_path(path: str | os.PathLike[str]) -> str:

@@ -11,16 +11,33 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vitattn.attention import Settings, resolve_settings
+from vitattn.errors import UsageError
 from vitattn.job import HeatmapJob, Outcome
 from vitattn.models import LoadedModel, load_model
-from vitattn.options import AttentionOptions, InputOptions, ModelOptions, RenderOptions, RunOptions
+from vitattn.options import AttentionOptions, Engine, InputOptions, ModelOptions, RenderOptions, RunOptions
 
 if TYPE_CHECKING:
     from torch import nn
+
+
+@dataclass(frozen=True)
+class HeatmapSpec:
+    """What builds a heatmap job, in picklable options: a cluster worker receives it and builds its own job
+    (a loaded model does not travel; each worker loads one)."""
+
+    model: ModelOptions
+    attention: AttentionOptions | None
+    render: RenderOptions
+    run: RunOptions
+
+    def build(self) -> HeatmapJob:
+        """Load the model and resolve the options against it (what :func:`start_heatmap` does)."""
+        loaded = as_loaded(self.model)
+        return HeatmapJob(loaded, resolve_settings(loaded, self.attention), self.render, self.run)
 
 
 @dataclass
@@ -31,6 +48,7 @@ class HeatmapRun:
         loaded: the model.
         settings: the attention options resolved against the model.
         job: the per-batch unit of work (what a cluster worker runs).
+        spec: what builds the job on a cluster worker (``Engine.ray``); None for a model given loaded.
     """
 
     loaded: LoadedModel
@@ -39,6 +57,7 @@ class HeatmapRun:
     inputs: InputOptions
     run: RunOptions
     stdin: BinaryIO | None = field(default=None, repr=False)
+    spec: HeatmapSpec | None = None
     _scheduler: Any = field(default=None, repr=False)
 
     @property
@@ -48,13 +67,15 @@ class HeatmapRun:
         return list(self._scheduler.unreported) if self._scheduler is not None else []
 
     def outcomes(self) -> Generator[Outcome, None, None]:
-        """Discover the inputs and process them on the local engine; one outcome per input, in input order.
+        """Discover the inputs and process them on the run's engine; one outcome per input.
+
+        The local engine yields them in input order; the Ray engine as the cluster finishes them.
 
         Raises:
             OutputError: the output folder cannot be written (fatal for the run).
+            EngineError: the Ray cluster cannot be reached, or its workers do not see the output folder.
         """
         from vitattn.discovery import iter_inputs
-        from vitattn.scheduler import Scheduler
 
         out = self.job.render.out
         items = iter_inputs(
@@ -64,8 +85,16 @@ class HeatmapRun:
             stdin=self.stdin,
             exclude=[out],
         )
-        self._scheduler = Scheduler(self.job, self.run)
-        yield from self._scheduler.run(items)
+        if self.run.engine is Engine.ray:
+            from vitattn.ray_engine import RayEngine
+
+            assert self.spec is not None  # start_heatmap refuses a loaded model with the ray engine
+            yield from RayEngine(self.spec, out=self.job.render.out).run(items)
+        else:
+            from vitattn.scheduler import Scheduler
+
+            self._scheduler = Scheduler(self.job, self.run)
+            yield from self._scheduler.run(items)
 
 
 def count_inputs(inputs: InputOptions, *, out: str | os.PathLike[str]) -> int | None:
@@ -96,7 +125,8 @@ def start_heatmap(
             default model, pretrained.
         attention: what to compute; None: the defaults.
         render: how to draw and where to write; None: the defaults.
-        run: batch size, resume and limits; None: the defaults.
+        run: batch size, resume, limits and the engine; None: the defaults. The Ray engine needs ``model``
+            as options (each worker loads its own copy; here it loads on the CPU, to check the options).
         stdin: the binary stream ``-`` reads; None: ``sys.stdin.buffer``.
 
     Raises:
@@ -106,13 +136,22 @@ def start_heatmap(
     """
     from vitattn.outputs import prepare_out_root
 
-    loaded = as_loaded(model)
-    settings = resolve_settings(loaded, attention)
     run = run or RunOptions()
     render = render or RenderOptions()
+    spec = None
+    if run.engine is Engine.ray:
+        from vitattn.ray_engine import require_ray
+
+        require_ray()
+        if not (model is None or isinstance(model, ModelOptions)):
+            raise UsageError("the ray engine loads the model on each worker: give model options", option="engine")
+        spec = HeatmapSpec(model=model or ModelOptions(), attention=attention, render=render, run=run)
+        model = replace(spec.model, device="cpu")  # the driver's copy only checks the options
+    loaded = as_loaded(model)
+    settings = resolve_settings(loaded, attention)
     job = HeatmapJob(loaded, settings, render, run)
     prepare_out_root(render.out)
-    return HeatmapRun(loaded=loaded, settings=settings, job=job, inputs=inputs, run=run, stdin=stdin)
+    return HeatmapRun(loaded=loaded, settings=settings, job=job, inputs=inputs, run=run, stdin=stdin, spec=spec)
 
 
 def as_loaded(model: ModelOptions | LoadedModel | nn.Module | None) -> LoadedModel:

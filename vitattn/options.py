@@ -268,6 +268,31 @@ class RenderOptions:
             )
 
 
+class Engine(str, Enum):
+    """What runs the batches of a run."""
+
+    local = "local"  # this process: threads decode, the model runs, threads write (vitattn.scheduler)
+    ray = "ray"  # a Ray cluster: one model replica per actor (vitattn.ray_engine); needs vitattn[ray]
+
+
+def parse_ray_workers(value: int | str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """Model replicas on Ray: ``N`` (fixed), ``MIN-MAX`` (autoscaled between), or None (as many as the
+    cluster's resources allow). UsageError otherwise."""
+    if value is None or isinstance(value, tuple):
+        bounds = value
+    elif isinstance(value, int):
+        bounds = (value, value)
+    else:
+        low, sep, high = value.strip().partition("-")
+        try:
+            bounds = (int(low), int(high)) if sep else (int(low), int(low))
+        except ValueError:
+            raise UsageError(f"{value!r}: a number of workers N, or MIN-MAX", option="ray_workers") from None
+    if bounds is not None and not 1 <= bounds[0] <= bounds[1]:
+        raise UsageError(f"{value!r}: at least 1 worker, and MIN at most MAX", option="ray_workers")
+    return bounds
+
+
 def _default_workers() -> int:
     """Threads per side stage (load, write): 2 on a small machine, up to 8 where cores allow (GPU hosts)."""
     return max(2, min(8, (os.cpu_count() or 2) // 2))
@@ -283,6 +308,11 @@ class RunOptions:
         fail_fast: stop at the first failed input.
         max_pixels: the largest picture accepted, in pixels; None: no limit.
         decode_workers, render_workers: threads that decode ahead of the model and write behind it.
+        engine: what runs the batches: this process, or a Ray cluster.
+        ray_address: the Ray cluster to use; None: ``RAY_ADDRESS``, else a local Ray started for the run.
+        ray_workers: model replicas on Ray, (MIN, MAX) (autoscaled between; equal: fixed); None: as many as
+            the cluster's CPUs (or GPUs, with ``ray_gpus_per_worker``) allow.
+        ray_gpus_per_worker: GPUs each replica reserves (fractions share a GPU); 0: CPU replicas.
     """
 
     batch_size: int = 16
@@ -291,8 +321,18 @@ class RunOptions:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     decode_workers: int = field(default_factory=_default_workers)
     render_workers: int = field(default_factory=_default_workers)
+    engine: Engine = Engine.local
+    ray_address: str | None = None
+    ray_workers: tuple[int, int] | None = None
+    ray_gpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "engine", parse_choice(Engine, self.engine, "engine"))
+        object.__setattr__(self, "ray_workers", parse_ray_workers(self.ray_workers))
+        if not (math.isfinite(self.ray_gpus_per_worker) and self.ray_gpus_per_worker >= 0):
+            raise UsageError(
+                f"GPUs per worker {self.ray_gpus_per_worker}: 0 (CPU workers) or more", option="ray_gpus_per_worker"
+            )
         if self.batch_size < 1:
             raise UsageError(f"batch size {self.batch_size}: at least 1", option="batch_size")
         if self.max_pixels is not None and self.max_pixels < 1:
