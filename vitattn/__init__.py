@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         WeightsUnavailableError,
     )
     from vitattn.explainer import explain
+    from vitattn.explorer import Explorer, explore
     from vitattn.grids import labelled_grid
     from vitattn.heatmap import HeatmapRun, start_heatmap
     from vitattn.job import Outcome
@@ -81,6 +82,8 @@ _EXPORTS = {
     "colormap_lut": "vitattn.colors",
     "describe": "vitattn.models",
     "explain": "vitattn.explainer",
+    "explore": "vitattn.explorer",
+    "Explorer": "vitattn.explorer",
     "grad_rollout": "vitattn.maps",
     "labelled_grid": "vitattn.grids",
     "load_image": "vitattn.decoding",
@@ -117,6 +120,7 @@ __all__ = [
     "HeadFusion",
     "HeatmapRun",
     "ImageAttention",
+    "Explorer",
     "ImageFormat",
     "InputError",
     "InputOptions",
@@ -142,6 +146,7 @@ __all__ = [
     "colormap_lut",
     "describe",
     "explain",
+    "explore",
     "grad_rollout",
     "labelled_grid",
     "load_image",
