@@ -30,10 +30,15 @@ class Opened:
     errors: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
 
-    def check_clean(self) -> None:
-        """No console errors, no uncaught exceptions, and no request but the page's own file."""
+    def check_clean(self, files_under: Path | None = None) -> None:
+        """No console errors, no uncaught exceptions, and no request but the page's own file (or, with
+        ``files_under``, files in that folder: the gallery's thumbnails)."""
         assert self.errors == [], self.errors
-        assert self.requests == [self.url], self.requests
+        if files_under is None:
+            assert self.requests == [self.url], self.requests
+            return
+        root = files_under.resolve().as_uri() + "/"
+        assert self.requests[0] == self.url and all(u.startswith(root) for u in self.requests), self.requests
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from vitattn.models import LoadedModel, wrap_model
 from vitattn.options import DEFAULT_EXPLORE_BUDGET
 
 pytestmark = pytest.mark.slow
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "images"
 
 
 def register_model() -> LoadedModel:
@@ -219,12 +218,6 @@ def test_page_agrees_with_the_npy_arrays(browser: Any, family: dict[str, Any]) -
     x, y = cell_centre(data, int(r), int(c))
     assert_colour(rolled[y, x], lut, expected_index(method_map, data, x, y))
     opened.check_clean()
-    if family["name"] == "distilled" and DOCS.is_dir():
-        page.locator("#alpha").fill("0.6")
-        page.select_option("#method", "raw")
-        page.select_option("#head", "mean")
-        hover(page, data, int(peak[0]), int(peak[1]))
-        page.screenshot(path=str(DOCS / "explorer_cls.png"), full_page=True)
     page.close()
 
 
@@ -251,7 +244,7 @@ def test_patch_query_hover_and_pin(browser: Any, family: dict[str, Any]) -> None
     gh, gw = data["grid"]
     for r, c in ((0, 0), (gh - 1, gw - 1), (int(truth[0].argmax()) // gw, int(truth[0].argmax()) % gw)):
         got = hover(page, data, r, c)
-        assert "patch:%d,%d" % (pr, pc) in got["text"]
+        assert f"patch:{pr},{pc}" in got["text"]
         assert abs(float(got["value"]) - truth[0][r, c]) <= float(got["bound"]) + 1e-7, (r, c)
     # the stored rows decode to the same numbers as the page reads them
     values, _ = page_arrays(data, "patch", last)
@@ -259,8 +252,6 @@ def test_patch_query_hover_and_pin(browser: Any, family: dict[str, Any]) -> None
     p = len(data["roles"])
     np.testing.assert_allclose(values[:, g, p:].reshape(-1, gh, gw), truth, atol=truth.max() / 510 + 1e-7)
     opened.check_clean()
-    if family["name"] == "registers" and DOCS.is_dir():
-        page.screenshot(path=str(DOCS / "explorer_patch.png"), full_page=True)
     page.close()
 
 

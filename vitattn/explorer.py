@@ -243,12 +243,13 @@ def build_page(
                 autocast(loaded.device, settings.precision),
             ):
                 _, rows = rcap.run(x[None].to(loaded.device))
-        payload = {**base, "patch_blocks": list(plan.patch_blocks), "prefix": {}, "patch": {}}
+        stored: dict[str, dict[str, Any]] = {"prefix": {}, "patch": {}}
         for b, kept in rows.items():
             for kind in ("prefix", "patch"):
                 if kind in kept:
                     codes, top = kept[kind]
-                    payload[kind][str(b)] = {"q": _b64(codes.tobytes()), "s": _b64(top.tobytes())}
+                    stored[kind][str(b)] = {"q": _b64(codes.tobytes()), "s": _b64(top.tobytes())}
+        payload = {**base, "patch_blocks": list(plan.patch_blocks), **stored}
         page = render_template("explore.html", payload, name)
         if len(page.encode("utf-8")) <= budget or not plan.patch_blocks:
             return page

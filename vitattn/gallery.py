@@ -45,7 +45,7 @@ def thumbnail_name(meta: dict[str, Any]) -> str | None:
                 if f.startswith(prefix + stem + ".") or (f.startswith(prefix) and f.rsplit(".", 1)[0].endswith(stem)):
                     return f
     plain = [f for f in files if "grid" not in f and "mask" not in f]
-    return (plain or files or [None])[0]
+    return (plain or files)[0] if plain or files else None
 
 
 def gallery_rows(out: Path, outcomes: Iterable[Outcome] = ()) -> list[dict[str, Any]]:
