@@ -21,10 +21,13 @@ from vitattn.gallery import GALLERY
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}  # this checkout's code, from any folder
     return subprocess.run([sys.executable, "-m", "vitattn", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=300, cwd=cwd)
 
 
 def demo_picture(path: Path, seed: int) -> Path:
@@ -56,11 +59,11 @@ def test_explore_prints_the_page_and_its_record(tmp_path: Path) -> None:
 def test_demo_page_screenshots(browser: Any, tmp_path: Path) -> None:  # noqa: F811
     """The bundled demo model's page, every block: the class token's view and a pinned patch's view. With
     VITATTN_SCREENSHOTS=1 (``make screenshots``) the two screenshots replace the README's in docs/images."""
-    a = demo_picture(tmp_path / "a.png", 5)
-    proc = run(["explore", str(a), "-m", "demo", "-o", str(tmp_path / "out"), "--json"])
+    demo_picture(tmp_path / "square.png", 5)
+    proc = run(["explore", "square.png", "-m", "demo", "-o", "out", "--json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     (rec,) = records(proc)
-    opened = open_file(browser, Path(rec["files"]["explore"]))
+    opened = open_file(browser, tmp_path / rec["files"]["explore"])
     page = opened.page
     depth, heads = 4, 4  # the demo model
     assert page.locator("#multiples canvas").count() == depth * (heads + 1)
@@ -71,8 +74,8 @@ def test_demo_page_screenshots(browser: Any, tmp_path: Path) -> None:  # noqa: F
     page.wait_for_function("() => document.getElementById('readout').dataset.row !== undefined")
     page.screenshot(path=str(folder / "explorer_cls.png"))
     page.select_option("#query", "patch")
-    page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.45)  # pin a patch on the shape
-    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.click(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.6)  # pin a patch on the shape
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.3)
     page.wait_for_function("() => document.getElementById('readout').textContent.includes('query patch:')")
     page.screenshot(path=str(folder / "explorer_patch.png"))
     assert (folder / "explorer_cls.png").stat().st_size > 10_000
