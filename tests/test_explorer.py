@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from tests.browser import browser, open_file  # noqa: F401  (browser is a fixture)
+from tests.conftest import FAMILIES as FAMILY_TABLE
 from tests.conftest import tiny_model
 from vitattn import AttentionOptions, InputOptions, Method, Query, RenderOptions, start_heatmap
 from vitattn.colors import colormap_lut
@@ -319,5 +320,26 @@ def test_python_explore_repr_and_save(browser: Any, tmp_path: Path) -> None:  # 
     assert data["blocks"] == [0, 5] and "rollout" in data["methods"]
     opened = open_file(browser, saved)
     assert opened.page.locator("#multiples canvas").count() == 2 * (2 + 1)  # blocks × (heads + fused)
+    opened.check_clean()
+    opened.page.close()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TABLE))
+def test_every_family_page(browser: Any, tmp_path: Path, name: str) -> None:  # noqa: F811
+    """Each family of the capture tests: the page opens clean, and the value under the cursor for the model's
+    natural query (cls, or patch-mean without a class token) is vitattn.explain's, within the stated bound."""
+    import vitattn
+
+    loaded = tiny_model(name)
+    img = Image.open(picture(tmp_path / "a.png", (240, 200), 5))
+    page_file = vitattn.explore(loaded, img, blocks=[-1]).save(tmp_path / "p.html")
+    data = page_data(page_file)
+    truth = vitattn.explain(loaded, img, blocks=-1)[-1].heads[0]  # (gh, gw) head 0, the natural query
+    opened = open_file(browser, page_file)
+    opened.page.select_option("#head", "0")
+    gh, gw = data["grid"]
+    r, c = np.unravel_index(int(truth.argmax()), truth.shape)
+    got = hover(opened.page, data, int(r), int(c))
+    assert abs(float(got["value"]) - truth[r, c]) <= float(got["bound"]) + 1e-6, (name, got)
     opened.check_clean()
     opened.page.close()

@@ -38,7 +38,7 @@
     block: D.blocks.length - 1,          // index into D.blocks
     head: D.fuse,                        // a head's position in D.heads, or 'mean' / 'max' / 'min'
     method: 'raw',
-    query: P ? D.roles.indexOf(D.query) >= 0 ? 'p' + D.roles.indexOf(D.query) : 'p0' : 'patch',
+    query: D.roles.indexOf(D.query) >= 0 ? 'p' + D.roles.indexOf(D.query) : D.query === 'patch-mean' || !P ? 'patchmean' : 'p0',
     pinned: null,                        // [r, c] of a pinned patch query
     hover: null,                         // [r, c] under the cursor
     cmap: D.luts[D.cmap] ? D.cmap : Object.keys(D.luts)[0],
@@ -52,7 +52,25 @@
 
   // -- data access -----------------------------------------------------------------------------------
   // The query's attention over all N tokens, one head: {v: Float64Array(N), bound} or null (not stored).
+  const meanCache = {};
   function tokenRow(b, k, query) {
+    if (query.kind === 'patchmean') {  // the mean over every patch's row (stored patch rows only)
+      const key = b + ':' + k;
+      if (!(key in meanCache)) {
+        const st = stored('patch', b);
+        if (!st) return null;
+        const v = new Float64Array(N);
+        let bound = 0;
+        for (let g = 0; g < G; g++) {
+          const i = k * G + g, s = st.s[i] / st.levels, off = i * N;
+          for (let j = 0; j < N; j++) v[j] += st.q[off + j] * s;
+          bound += s / 2;
+        }
+        for (let j = 0; j < N; j++) v[j] /= G;
+        meanCache[key] = { v, bound: bound / G };
+      }
+      return meanCache[key];
+    }
     let st, r;
     if (query.kind === 'prefix') { st = stored('prefix', b); r = query.index; }
     else { st = stored('patch', b); r = query.r * GW + query.c; }
@@ -62,6 +80,7 @@
     return { v, bound: s / (2 * L) };
   }
   function currentQuery() {
+    if (S.query === 'patchmean') return { kind: 'patchmean', name: 'patch-mean' };
     if (S.query !== 'patch') return { kind: 'prefix', index: Number(S.query.slice(1)), name: D.roles[Number(S.query.slice(1))] };
     const rc = S.pinned || S.hover;
     return rc ? { kind: 'patch', r: rc[0], c: rc[1], name: 'patch:' + rc[0] + ',' + rc[1] } : null;
@@ -278,7 +297,7 @@
     drawMarks(query);
     readout(map, query);
     let note = '';
-    if (query && query.kind === 'patch' && !patchBlocks.has(b)) {
+    if (query && query.kind !== 'prefix' && !patchBlocks.has(b)) {
       note = `block ${b} has no patch queries in this page (they are stored for blocks ${D.patch_blocks.join(', ') || 'none'})`;
     } else if (S.method !== 'raw' && map && map.method === 'raw') {
       note = `${S.method} was computed for query ${D.methods[S.method].query}: showing raw attention`;
@@ -303,6 +322,7 @@
   option($('method'), 'raw', 'raw');
   for (const m of Object.keys(D.methods)) option($('method'), m, m + ' (query ' + D.methods[m].query + ')');
   D.roles.forEach((role, i) => option($('query'), 'p' + i, role));
+  option($('query'), 'patchmean', 'patch-mean (all patches)');
   option($('query'), 'patch', 'patch (hover, click to pin)');
   for (const name of Object.keys(D.luts)) option($('cmap'), name, name);
   $('block').max = String(D.blocks.length - 1);
