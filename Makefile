@@ -37,6 +37,7 @@ demo: install
 
 bench: install
 	$(PY) -m tools.bench
+	$(PY) -m tools.bench_explorer
 
 clean:
 	rm -rf vitattn-out .pytest_cache .mypy_cache .ruff_cache

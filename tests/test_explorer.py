@@ -337,7 +337,6 @@ def test_every_family_page(browser: Any, tmp_path: Path, name: str) -> None:  # 
     truth = vitattn.explain(loaded, img, blocks=-1)[-1].heads[0]  # (gh, gw) head 0, the natural query
     opened = open_file(browser, page_file)
     opened.page.select_option("#head", "0")
-    gh, gw = data["grid"]
     r, c = np.unravel_index(int(truth.argmax()), truth.shape)
     got = hover(opened.page, data, int(r), int(c))
     assert abs(float(got["value"]) - truth[r, c]) <= float(got["bound"]) + 1e-6, (name, got)

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 from vitattn.attention import ImageAttention, Settings, autocast, capturing, forward_batch
 from vitattn.capture import AttentionCapture
 from vitattn.errors import InputError, Reason, VitattnError
-from vitattn.options import DEFAULT_EXPLORE_BUDGET, Method, RenderOptions
+from vitattn.maps import query_rows
+from vitattn.options import DEFAULT_EXPLORE_BUDGET, Method, Query, RenderOptions
 from vitattn.outputs import atomic_write
 from vitattn.preprocess import Box
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
     from vitattn.heatmap import HeatmapRun
     from vitattn.job import Outcome
-    from vitattn.models import LoadedModel
+    from vitattn.models import LoadedModel, TokenLayout
 
 EXPLORE = "explore.html"
 """The explorer page's file name in an input's output folder."""
@@ -122,22 +123,31 @@ def plan_page(
 
 
 class _RowsReducer:
-    """Capture reducer keeping, per block, the quantised prefix rows and (for planned blocks) patch rows."""
+    """Capture reducer keeping, per block, the quantised prefix rows and (for planned blocks) patch rows of
+    every picture of the batch; with ``query``, it returns the query's rows (B, H, N), as
+    :func:`vitattn.attention.capturing` does, so that :func:`forward_batch` runs on the same pass."""
 
-    def __init__(self, plan: PagePlan, heads: Sequence[int], prefix: int) -> None:
-        self.plan, self.heads, self.prefix = plan, list(heads), prefix
+    def __init__(
+        self, plan: PagePlan, heads: Sequence[int], layout: TokenLayout, grid: tuple[int, int], query: Query | None
+    ) -> None:
+        self.plan, self.heads, self.layout, self.grid, self.query = plan, list(heads), layout, grid, query
+        self.kept: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
 
-    def __call__(self, block: int, attn: torch.Tensor) -> dict[str, Any]:
-        a = attn[0, self.heads].float()  # (H', N, N) one picture
-        p = self.prefix
-        out: dict[str, Any] = {}
+    def __call__(self, block: int, attn: torch.Tensor) -> torch.Tensor | None:
+        a = attn.detach()[:, self.heads].float()  # (B, H', N, N)
+        p = self.layout.num_prefix_tokens
+        kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if block in self.plan.prefix_blocks and p:
-            codes, top = quantise(a[:, :p, :], PREFIX_LEVELS)  # (H', P, N), (H', P)
-            out["prefix"] = (codes.to("cpu").numpy().astype("<u2"), top.cpu().numpy().astype("<f4"))
+            codes, top = quantise(a[:, :, :p, :], PREFIX_LEVELS)  # (B, H', P, N), (B, H', P)
+            kept["prefix"] = (codes.cpu().numpy().astype("<u2"), top.cpu().numpy().astype("<f4"))
         if block in self.plan.patch_blocks:
-            codes, top = quantise(a[:, p:, :], PATCH_LEVELS)  # (H', G, N), (H', G)
-            out["patch"] = (codes.cpu().numpy(), top.cpu().numpy().astype("<f4"))
-        return out
+            codes, top = quantise(a[:, :, p:, :], PATCH_LEVELS)  # (B, H', G, N), (B, H', G)
+            kept["patch"] = (codes.cpu().numpy(), top.cpu().numpy().astype("<f4"))
+        del a
+        self.kept[block] = kept
+        if self.query is None:
+            return None
+        return query_rows(attn, self.query, self.layout, self.grid).float()  # (B, H, N)
 
 
 def _photo_url(photo: Image.Image) -> str:
@@ -185,75 +195,132 @@ def build_page(
         loaded: the model.
         settings: what to compute (the captured blocks, heads, query, method).
         x: (3, H, W) the picture preprocessed for the model.
-        photo: the upright picture the page shows (e.g. shrunk to the overlay size).
+        photo: the upright picture the page shows.
         box: the region of ``photo`` the model saw, in its pixels.
         name: what the page is titled with (the input's path).
-        render: colour table, opacity and scale the page opens with.
+        render: colour table, opacity and scale the page opens with, and the photo's long side.
         budget: the page's largest size in bytes.
     """
-    import torch
+    return build_pages(loaded, settings, x[None], [photo], [box], names=[name], render=render, budget=budget)[0]
 
+
+def build_pages(
+    loaded: LoadedModel,
+    settings: Settings,
+    x: torch.Tensor,
+    photos: Sequence[Image.Image],
+    boxes: Sequence[Box],
+    *,
+    names: Sequence[str],
+    render: RenderOptions | None = None,
+    budget: int = DEFAULT_EXPLORE_BUDGET,
+) -> list[str]:
+    """:func:`build_page` for a batch ``x`` (B, 3, H, W): one forward pass for ``raw`` (the rows, the query's
+    maps and the predictions), two for rollout and grad-rollout (the method's own pass, then the rows)."""
     from vitattn.overlays import _fit_photo
 
     r = render or RenderOptions()
-    shown = _fit_photo(photo, r.max_side)  # as the overlays draw it: long side max_side, small photos scaled up
-    sx, sy = shown.width / photo.width, shown.height / photo.height
-    photo, box = shown, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    shown = []
+    for photo, box in zip(photos, boxes, strict=True):
+        fitted = _fit_photo(photo, r.max_side)  # as the overlays draw it: long side max_side, small ones scaled up
+        sx, sy = fitted.width / photo.width, fitted.height / photo.height
+        shown.append((fitted, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)))
     layout = loaded.layout
-    p = layout.num_prefix_tokens
-    with capturing(loaded, settings) as cap:
-        att = forward_batch(loaded, cap, x[None], settings)[0]
-    base = {
-        "input": name,
-        "model": loaded.spec,
-        "weights": loaded.weights,
-        "depth": loaded.depth,
-        "grid": list(settings.grid),
-        "roles": list(layout.roles),
-        "heads": list(settings.heads),
-        "blocks": list(settings.blocks),
-        "query": str(settings.query),
-        "method": settings.method.value,
+    bases = [
+        {
+            "input": name,
+            "model": loaded.spec,
+            "weights": loaded.weights,
+            "depth": loaded.depth,
+            "grid": list(settings.grid),
+            "roles": list(layout.roles),
+            "heads": list(settings.heads),
+            "blocks": list(settings.blocks),
+            "query": str(settings.query),
+            "method": settings.method.value,
+            "methods": {},
+            "target": None,
+            "top": [],
+            "photo": _photo_url(fitted),
+            "photo_size": list(fitted.size),
+            "crop_box": [float(v) for v in box],
+            "luts": _luts(r.cmap),
+            "cmap": r.cmap,
+            "alpha": r.alpha,
+            "shared_scale": r.shared_scale,
+            "fuse": settings.fuse.value,
+            "levels": {"prefix": PREFIX_LEVELS, "patch": PATCH_LEVELS},
+            "budget": budget,
+        }
+        for name, (fitted, box) in zip(names, shown, strict=True)
+    ]
+    atts: list[ImageAttention] | None = None
+    if settings.method is not Method.raw:  # the method's own pass, exactly as the heatmap computes it
+        with capturing(loaded, settings) as cap:
+            atts = forward_batch(loaded, cap, x, settings)
+        for base, att in zip(bases, atts, strict=True):
+            base.update(_results(att))
+    fixed = max(len(render_template("explore.html", base, "").encode("utf-8")) for base in bases)
+    fixed += 4 * max(len(n) for n in names) + 2048  # the title twice, escaped; predictions still to come
+    plan = plan_page(
+        settings.blocks,
+        heads=len(settings.heads),
+        prefix=layout.num_prefix_tokens,
+        grid=settings.grid,
+        fixed=fixed,
+        budget=budget,
+    )
+    while True:
+        pages = _pages_for(loaded, settings, x, plan, bases, atts)
+        if all(len(page.encode("utf-8")) <= budget for page in pages) or not plan.patch_blocks:
+            return pages
+        plan = replace(plan, patch_blocks=plan.patch_blocks[:-1])  # the margin was not enough: one block less
+
+
+def _results(att: ImageAttention) -> dict[str, Any]:
+    return {
         "methods": _method_maps(att),
         "target": _prediction(att.target) if att.target is not None else None,
         "top": [_prediction(t) for t in att.top],
-        "photo": _photo_url(photo),
-        "photo_size": list(photo.size),
-        "crop_box": [float(v) for v in box],
-        "luts": _luts(r.cmap),
-        "cmap": r.cmap,
-        "alpha": r.alpha,
-        "shared_scale": r.shared_scale,
-        "fuse": settings.fuse.value,
-        "levels": {"prefix": PREFIX_LEVELS, "patch": PATCH_LEVELS},
-        "budget": budget,
     }
-    fixed = len(render_template("explore.html", base, name).encode("utf-8"))
-    plan = plan_page(
-        settings.blocks, heads=len(settings.heads), prefix=p, grid=settings.grid, fixed=fixed, budget=budget
-    )
-    while True:
-        rows: dict[int, dict[str, Any]] = {}
-        if plan.prefix_blocks or plan.patch_blocks:
-            reducer = _RowsReducer(plan, settings.heads, p)
-            wanted = sorted({*plan.prefix_blocks, *plan.patch_blocks})
+
+
+def _pages_for(
+    loaded: LoadedModel,
+    settings: Settings,
+    x: torch.Tensor,
+    plan: PagePlan,
+    bases: list[dict[str, Any]],
+    atts: list[ImageAttention] | None,
+) -> list[str]:
+    """One capture pass keeping the planned rows (and, for ``raw``, giving the predictions), then the pages."""
+    import torch
+
+    raw = atts is None
+    reducer = _RowsReducer(plan, settings.heads, loaded.layout, settings.grid, settings.query if raw else None)
+    if raw:
+        with AttentionCapture(loaded.model, settings.blocks, reduce=reducer, stop_early=settings.top_k == 0) as cap:
+            atts = forward_batch(loaded, cap, x, settings)
+        results = [_results(att) for att in atts]
+    else:
+        results = [{} for _ in bases]
+        wanted = sorted({*plan.prefix_blocks, *plan.patch_blocks})
+        if wanted:
             with (
-                AttentionCapture(loaded.model, wanted, reduce=reducer, stop_early=True) as rcap,
+                AttentionCapture(loaded.model, wanted, reduce=reducer, stop_early=True) as cap,
                 torch.inference_mode(),
                 autocast(loaded.device, settings.precision),
             ):
-                _, rows = rcap.run(x[None].to(loaded.device))
+                cap.run(x.to(loaded.device))
+    pages = []
+    for i, (base, result) in enumerate(zip(bases, results, strict=True)):
         stored: dict[str, dict[str, Any]] = {"prefix": {}, "patch": {}}
-        for b, kept in rows.items():
-            for kind in ("prefix", "patch"):
-                if kind in kept:
-                    codes, top = kept[kind]
-                    stored[kind][str(b)] = {"q": _b64(codes.tobytes()), "s": _b64(top.tobytes())}
-        payload = {**base, "patch_blocks": list(plan.patch_blocks), **stored}
-        page = render_template("explore.html", payload, name)
-        if len(page.encode("utf-8")) <= budget or not plan.patch_blocks:
-            return page
-        plan = replace(plan, patch_blocks=plan.patch_blocks[:-1])  # the margin was not enough: one block less
+        for b, kept in reducer.kept.items():
+            for kind, (codes, top) in kept.items():
+                stored[kind][str(b)] = {"q": _b64(codes[i].tobytes()), "s": _b64(top[i].tobytes())}
+        payload = {**base, **result, "patch_blocks": list(plan.patch_blocks), **stored}
+        pages.append(render_template("explore.html", payload, str(base["input"])))
+    return pages
 
 
 def _prediction(p: Any) -> dict[str, Any]:
@@ -281,64 +348,98 @@ def write_page(path: Path, page: str) -> None:
     atomic_write(path, write)
 
 
+EXPLORE_BATCH = 8
+"""Pictures per explorer pass at most (their full attention rows are held together)."""
+
+
 def add_pages(run: HeatmapRun, *, budget: int = DEFAULT_EXPLORE_BUDGET, gallery: bool = False) -> Iterator[Outcome]:
     """The run's outcomes, each ``ok`` or ``skipped`` input with its explorer page written into its folder
     (``files.explore`` in its record); with ``gallery``, ``OUT/index.html`` is rebuilt at the end.
 
-    The pages are built once the heatmap run is done (its capture scope is closed; the model runs one
-    capture at a time). A page that cannot be built fails its input.
+    The pages are built once the heatmap run is done (its capture scope is closed: the model runs one capture
+    at a time), in batches. A page that cannot be built fails its input.
     """
-    from vitattn.job import HeatmapJob, Outcome, exc_line
+    from vitattn.job import HeatmapJob, Outcome, Prepared
 
     with contextlib.closing(run.outcomes()) as stream:
         outcomes = list(stream)
     # the job's own preparation (decoding, draft size, transform), without its resume check
     job = HeatmapJob(run.loaded, run.settings, run.job.render, replace(run.run, overwrite=True))
+    size = max(1, min(run.run.batch_size, EXPLORE_BATCH))
     done: list[Outcome] = []
-    for outcome in outcomes:
-        folder = outcome.folder
-        if outcome.status in ("ok", "skipped") and folder is not None:
-            path = folder / EXPLORE
-            try:
-                if outcome.status == "ok" or not path.is_file():
-                    prep = job.prepare(outcome.item)
-                    if isinstance(prep, Outcome):  # the input changed since its result was written
-                        outcome = prep
-                        done.append(outcome)
-                        yield outcome
-                        continue
-                    page = build_page(
-                        run.loaded,
-                        run.settings,
-                        prep.tensor,
-                        prep.photo,
-                        prep.box,
-                        name=str(outcome.record.get("input", outcome.item.path)),
-                        render=run.job.render,
-                        budget=budget,
-                    )
-                    write_page(path, page)
-                files = outcome.record.get("files")
-                if isinstance(files, dict):
-                    files["explore"] = str(path)
-            except (VitattnError, MemoryError) as exc:
-                if not isinstance(exc, InputError):
-                    raise
-                outcome = _failed(outcome, exc)
-            except Exception as exc:
-                outcome = _failed(outcome, InputError(outcome.item.path, Reason.WRITE, f"explorer: {exc_line(exc)}"))
-        done.append(outcome)
-        yield outcome
+    for start in range(0, len(outcomes), size):
+        chunk = outcomes[start : start + size]
+        preps: dict[int, Prepared] = {}
+        for i, outcome in enumerate(chunk):
+            folder = outcome.folder
+            if outcome.status not in ("ok", "skipped") or folder is None:
+                continue
+            if outcome.status == "skipped" and (folder / EXPLORE).is_file():
+                _set_page(outcome, folder / EXPLORE)
+                continue
+            prep = job.prepare(outcome.item)
+            if isinstance(prep, Outcome):  # the input changed since its result was written
+                chunk[i] = prep
+            else:
+                preps[i] = prep
+        for i, result in _write_pages(run, list(preps.items()), budget):
+            chunk[i] = _failed(chunk[i], result) if isinstance(result, InputError) else _set_page(chunk[i], result)
+        done.extend(chunk)
+        yield from chunk
     if gallery:
         from vitattn.gallery import write_gallery
 
         write_gallery(run.job.render.out, done)
 
 
+def _set_page(outcome: Outcome, path: Path) -> Outcome:
+    files = outcome.record.get("files")
+    if isinstance(files, dict):
+        files["explore"] = str(path)
+    return outcome
+
+
+def _write_pages(run: HeatmapRun, preps: list[tuple[int, Any]], budget: int) -> list[tuple[int, Path | InputError]]:
+    """Build and write the pages of a batch; when the batch fails, each picture alone (so one fails alone)."""
+    import torch
+
+    from vitattn.job import exc_line
+
+    if not preps:
+        return []
+    try:
+        pages = build_pages(
+            run.loaded,
+            run.settings,
+            torch.stack([p.tensor for _, p in preps]),  # (B, 3, H, W)
+            [p.photo for _, p in preps],
+            [p.box for _, p in preps],
+            names=[str(p.item.path) for _, p in preps],
+            render=run.job.render,
+            budget=budget,
+        )
+        results: list[tuple[int, Path | InputError]] = []
+        for (i, p), page in zip(preps, pages, strict=True):
+            path = p.folder / EXPLORE
+            write_page(path, page)
+            results.append((i, path))
+        return results
+    except (VitattnError, MemoryError) as exc:
+        if not isinstance(exc, InputError):
+            raise
+        if len(preps) == 1:
+            return [(preps[0][0], exc)]
+    except Exception as exc:
+        if len(preps) == 1:
+            item = preps[0][1].item
+            return [(preps[0][0], InputError(item.path, Reason.WRITE, f"explorer: {exc_line(exc)}"))]
+    return [r for one in preps for r in _write_pages(run, [one], budget)]
+
+
 def _failed(outcome: Outcome, err: InputError) -> Outcome:
     from vitattn.job import Outcome
 
-    record = {**outcome.record, "status": "error", "error": str(err)}
+    record = {**outcome.record, "status": "error", "error": err.message}
     return Outcome(outcome.item, "error", record, outcome.folder, err, outcome.warnings)
 
 

@@ -172,6 +172,7 @@
       dimmed[i] = photo[i]; dimmed[i + 1] = photo[i + 1]; dimmed[i + 2] = photo[i + 2];
     }
     draw();
+    document.body.dataset.firstPaintMs = performance.now().toFixed(1);  // since navigation started
     document.body.dataset.ready = '1';
   };
   img.src = D.photo;
@@ -290,8 +291,10 @@
 
   // -- drawing ---------------------------------------------------------------------------------------
   let pending = false;
+  const timings = (window.vitattnDrawMs = []);  // how long each redraw took (read by make bench)
   function draw() {
     if (!photo) return;
+    const t0 = performance.now();
     const b = D.blocks[S.block], query = currentQuery(), map = mapFor(b, S.head, S.method, query);
     drawMain(map);
     drawMarks(query);
@@ -306,6 +309,7 @@
     stats(b, query);
     drawMultiples(query);
     $('block-label').textContent = `${b} (${S.block + 1} of ${D.blocks.length})`;
+    if (timings.length < 10000) timings.push(performance.now() - t0);
   }
   function redraw() {
     if (pending) return;
