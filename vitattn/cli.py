@@ -73,6 +73,7 @@ class _Explore:
     budget: int = DEFAULT_EXPLORE_BUDGET
     pages_only: bool = False  # stdout: the page's path (explore) instead of the folder (heatmap)
     open: bool = False
+    every_block: bool = False  # the pages capture every block (the PNGs: the run's blocks)
 
 
 class _Group(TyperGroup):
@@ -490,7 +491,9 @@ def _heatmap(
     if explore is not None and explore.html:
         from vitattn.explorer import add_pages
 
-        stream = add_pages(started, budget=explore.budget, gallery=explore.gallery)
+        stream = add_pages(
+            started, budget=explore.budget, gallery=explore.gallery, blocks=None if explore.every_block else ()
+        )
     first_page: str | None = None
     with contextlib.closing(stream) as outcomes:  # closing drains the write workers, also on errors
         for outcome in outcomes:
@@ -628,8 +631,8 @@ def explore(
     ] = False,
     block: Annotated[
         list[str] | None,
-        typer.Option("-b", "--block", help="Blocks captured: indices (negatives from the end), 3,11, or all.",
-                     show_default="all"),
+        typer.Option("-b", "--block", help="Blocks of the page and the PNGs: indices (negatives from the end), "
+                     "3,11, or all.", show_default="every block in the page, the last in the PNGs"),
     ] = None,
     heads: Annotated[str | None, typer.Option("--heads", help="Heads kept, e.g. 0,3,5.", show_default="all")] = None,
     query: Annotated[
@@ -685,11 +688,13 @@ def explore(
             stdin=sys.stdin.buffer if "-" in inputs and sys.stdin is not None else None,
             as_json=as_json,
             debug=debug,
-            explore=_Explore(html=True, budget=int(explore_budget * 1e6), pages_only=True, open=open_page),
+            explore=_Explore(
+                html=True, budget=int(explore_budget * 1e6), pages_only=True, open=open_page, every_block=not block
+            ),
             inputs=InputOptions(tuple(inputs), recursive=recursive),
             model=ModelOptions(model, weights=weights, pretrained=not no_pretrained, device=device),
             attention=AttentionOptions(
-                blocks=_parse_blocks(block) if block else None,
+                blocks=_parse_blocks(block),  # the PNGs' blocks (default -1); the page: every block unless -b
                 query=query,
                 heads=_parse_ints(heads, "heads"),
                 method=method,

@@ -79,9 +79,9 @@ def quantise(rows: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tenso
     """
     import torch
 
-    rows = rows.float()
-    top = rows.amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)  # (...,)
-    codes = (rows / top[..., None] * levels).round().clamp_(0, levels)  # (..., N)
+    rows = rows.double()  # float32 division would add up to ~1e-2 of a 16-bit step
+    top = rows.amax(dim=-1).float().clamp_min(torch.finfo(torch.float32).tiny)  # (...,) as stored
+    codes = (rows / top.double()[..., None] * levels).round().clamp_(0, levels)  # (..., N)
     dtype = torch.uint8 if levels == PATCH_LEVELS else torch.int32
     return codes.to(dtype), top
 
@@ -134,16 +134,19 @@ class _RowsReducer:
         self.kept: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
 
     def __call__(self, block: int, attn: torch.Tensor) -> torch.Tensor | None:
-        a = attn.detach()[:, self.heads].float()  # (B, H', N, N)
+        import numpy as np
+
+        a = attn.detach()  # (B, H, N, N)
         p = self.layout.num_prefix_tokens
         kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if block in self.plan.prefix_blocks and p:
-            codes, top = quantise(a[:, :, :p, :], PREFIX_LEVELS)  # (B, H', P, N), (B, H', P)
+            codes, top = quantise(a[:, self.heads, :p, :], PREFIX_LEVELS)  # (B, H', P, N), (B, H', P)
             kept["prefix"] = (codes.cpu().numpy().astype("<u2"), top.cpu().numpy().astype("<f4"))
         if block in self.plan.patch_blocks:
-            codes, top = quantise(a[:, :, p:, :], PATCH_LEVELS)  # (B, H', G, N), (B, H', G)
-            kept["patch"] = (codes.cpu().numpy(), top.cpu().numpy().astype("<f4"))
-        del a
+            parts = [quantise(a[:, h, p:, :], PATCH_LEVELS) for h in self.heads]  # per head: less memory
+            codes_np = np.stack([c.cpu().numpy() for c, _ in parts], axis=1)  # (B, H', G, N)
+            top_np = np.stack([t.cpu().numpy() for _, t in parts], axis=1).astype("<f4")  # (B, H', G)
+            kept["patch"] = (codes_np, top_np)
         self.kept[block] = kept
         if self.query is None:
             return None
@@ -352,9 +355,18 @@ EXPLORE_BATCH = 8
 """Pictures per explorer pass at most (their full attention rows are held together)."""
 
 
-def add_pages(run: HeatmapRun, *, budget: int = DEFAULT_EXPLORE_BUDGET, gallery: bool = False) -> Iterator[Outcome]:
+def add_pages(
+    run: HeatmapRun,
+    *,
+    budget: int = DEFAULT_EXPLORE_BUDGET,
+    gallery: bool = False,
+    blocks: Sequence[int] | None = (),
+) -> Iterator[Outcome]:
     """The run's outcomes, each ``ok`` or ``skipped`` input with its explorer page written into its folder
     (``files.explore`` in its record); with ``gallery``, ``OUT/index.html`` is rebuilt at the end.
+
+    ``blocks`` are the blocks the pages capture (negatives count from the end): empty for the run's own,
+    None for every block.
 
     The pages are built once the heatmap run is done (its capture scope is closed: the model runs one capture
     at a time), in batches. A page that cannot be built fails its input.
@@ -365,6 +377,10 @@ def add_pages(run: HeatmapRun, *, budget: int = DEFAULT_EXPLORE_BUDGET, gallery:
         outcomes = list(stream)
     # the job's own preparation (decoding, draft size, transform), without its resume check
     job = HeatmapJob(run.loaded, run.settings, run.job.render, replace(run.run, overwrite=True))
+    settings = run.settings
+    if blocks is None or blocks:
+        chosen = range(run.loaded.depth) if blocks is None else blocks
+        settings = replace(settings, blocks=tuple(sorted({run.loaded.resolve_block(b) for b in chosen})))
     size = max(1, min(run.run.batch_size, EXPLORE_BATCH))
     done: list[Outcome] = []
     for start in range(0, len(outcomes), size):
@@ -382,7 +398,7 @@ def add_pages(run: HeatmapRun, *, budget: int = DEFAULT_EXPLORE_BUDGET, gallery:
                 chunk[i] = prep
             else:
                 preps[i] = prep
-        for i, result in _write_pages(run, list(preps.items()), budget):
+        for i, result in _write_pages(run, settings, list(preps.items()), budget):
             chunk[i] = _failed(chunk[i], result) if isinstance(result, InputError) else _set_page(chunk[i], result)
         done.extend(chunk)
         yield from chunk
@@ -399,7 +415,9 @@ def _set_page(outcome: Outcome, path: Path) -> Outcome:
     return outcome
 
 
-def _write_pages(run: HeatmapRun, preps: list[tuple[int, Any]], budget: int) -> list[tuple[int, Path | InputError]]:
+def _write_pages(
+    run: HeatmapRun, settings: Settings, preps: list[tuple[int, Any]], budget: int
+) -> list[tuple[int, Path | InputError]]:
     """Build and write the pages of a batch; when the batch fails, each picture alone (so one fails alone)."""
     import torch
 
@@ -410,7 +428,7 @@ def _write_pages(run: HeatmapRun, preps: list[tuple[int, Any]], budget: int) -> 
     try:
         pages = build_pages(
             run.loaded,
-            run.settings,
+            settings,
             torch.stack([p.tensor for _, p in preps]),  # (B, 3, H, W)
             [p.photo for _, p in preps],
             [p.box for _, p in preps],
@@ -433,7 +451,7 @@ def _write_pages(run: HeatmapRun, preps: list[tuple[int, Any]], budget: int) -> 
         if len(preps) == 1:
             item = preps[0][1].item
             return [(preps[0][0], InputError(item.path, Reason.WRITE, f"explorer: {exc_line(exc)}"))]
-    return [r for one in preps for r in _write_pages(run, [one], budget)]
+    return [r for one in preps for r in _write_pages(run, settings, [one], budget)]
 
 
 def _failed(outcome: Outcome, err: InputError) -> Outcome:
