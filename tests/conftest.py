@@ -7,7 +7,9 @@ token layout and grid allow, so that the suites that compare against independent
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,3 +68,12 @@ def tiny_model(name: str, **kwargs: Any) -> LoadedModel:
 def test_vit() -> LoadedModel:
     """timm's ``test_vit``: 6 blocks, 2 heads, a 10x10 grid at 160 px, an ImageNet head."""
     return tiny_model("test_vit")
+
+
+def result_folder(out: Path | str, path: Path | str) -> Path:
+    """Where the outputs of ``path`` go, by the documented rule (written out here, not taken from vitattn):
+    ``OUT/`` + the path relative to the current folder, or, outside it, the absolute path without its ``/``."""
+    absolute = os.path.abspath(path)
+    cwd = os.getcwd()
+    rel = os.path.relpath(absolute, cwd) if absolute.startswith(cwd.rstrip("/") + "/") else absolute.lstrip("/")
+    return Path(out) / rel

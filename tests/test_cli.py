@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import result_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -64,9 +65,10 @@ def test_folder_run_writes_the_documented_layout(photos: Path, tmp_path: Path) -
     code, stdout, stderr = invoke(["heatmap", str(photos), "-r", "-o", str(out), *MODEL, "--npy", "--top-k", "3"])
     assert code == 0, stderr
     folders = stdout.decode().splitlines()
-    assert sorted(folders) == sorted(str(out / rel) for rel in ("wide.jpg", "cats/tom.PNG", "cats/small.webp"))
-    folder = out / "cats" / "tom.PNG"
-    names = sorted(p.name for p in folder.iterdir())
+    inputs = ("wide.jpg", "cats/tom.PNG", "cats/small.webp")
+    assert sorted(folders) == sorted(str(result_folder(out, photos / r)) for r in inputs)
+    folder = result_folder(out, photos / "cats" / "tom.PNG")
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # not the lock file
     assert names == sorted(
         ["block5_head0.png", "block5_head1.png", "block5_mean.png", "block5_grid.png", "block5_attn.npy", "meta.json"]
     )
@@ -189,9 +191,10 @@ def test_weights_file_wrappers_and_mismatch(photos: Path, tmp_path: Path) -> Non
         args = ["heatmap", str(photos / "wide.jpg"), "-m", "test_vit", "--weights", str(tmp_path / name)]
         code, _, stderr = invoke([*args, "-o", str(out), "--npy"])
         assert code == 0, stderr
-        meta = json.loads((out / "wide.jpg" / "meta.json").read_text())
+        folder = result_folder(out, photos / "wide.jpg")
+        meta = json.loads((folder / "meta.json").read_text())
         assert meta["settings"]["weights"] == str(tmp_path / name)
-        arrays.append(np.load(out / "wide.jpg" / "block5_attn.npy"))
+        arrays.append(np.load(folder / "block5_attn.npy"))
     np.testing.assert_array_equal(arrays[0], arrays[1])  # same weights through both wrappers
     code, _, stderr = invoke(
         ["heatmap", str(photos / "wide.jpg"), "-m", "test_vit", "--weights", str(tmp_path / "other.pth")]
@@ -350,7 +353,7 @@ def test_resume_redoes_a_result_with_a_missing_file(photos: Path, tmp_path: Path
     out = tmp_path / "r"
     args = ["heatmap", str(photos / "wide.jpg"), "-o", str(out), *MODEL, "--top-k", "0"]
     assert invoke(args)[0] == 0
-    gone = out / "wide.jpg" / "block5_head1.png"
+    gone = result_folder(out, photos / "wide.jpg") / "block5_head1.png"
     gone.unlink()
     code, _, stderr = invoke(args)
     assert code == 0 and "processed 1, skipped 0" in stderr and gone.is_file()

@@ -72,12 +72,22 @@ def items(*sources: str, **options: Any) -> list[InputItem]:
     return list(iter_inputs(list(sources), **options))
 
 
-def rels(found: list[InputItem]) -> list[str]:
-    return [item.rel for item in found]
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in ``tmp_path``: an input's output name is its path relative to the current folder."""
+    monkeypatch.chdir(tmp_path)
 
 
-def reasons(found: list[InputItem]) -> dict[str, str | None]:
-    return {item.rel: item.error.reason if item.error else None for item in found}
+def rels(found: list[InputItem], under: str = "") -> list[str]:
+    """The output names, each checked to start with ``under/`` and shown without it."""
+    prefix = f"{under}/" if under else ""
+    assert all(item.rel.startswith(prefix) for item in found), [item.rel for item in found]
+    return [item.rel[len(prefix) :] for item in found]
+
+
+def reasons(found: list[InputItem], under: str = "") -> dict[str, str | None]:
+    names = rels(found, under)
+    return {name: item.error.reason if item.error else None for name, item in zip(names, found, strict=True)}
 
 
 def touch_jpeg(path: Path) -> Path:
@@ -151,7 +161,7 @@ def test_folder_scan_sorted_by_extension_case_insensitive(tmp_path: Path) -> Non
     (photos / ".hidden.jpg").write_bytes(b"x")
     touch_jpeg(photos / "sub" / "deep.jpg")
     found = items(str(photos))
-    assert rels(found) == ["a.PNG", "b.jpg", "c.JpEg", "d.webp", "e.bmp", "f.tif", "g.TIFF", "h.gif"]
+    assert rels(found, "photos") == ["a.PNG", "b.jpg", "c.JpEg", "d.webp", "e.bmp", "f.tif", "g.TIFF", "h.gif"]
     assert found[1].path == os.path.join(str(photos), "b.jpg")
     assert all(item.error is None for item in found)
 
@@ -165,7 +175,7 @@ def test_recursive_scan_relative_names(tmp_path: Path) -> None:
     (photos / ".cache").mkdir()
     touch_jpeg(photos / ".cache" / "thumb.jpg")
     found = items(str(photos) + "/", recursive=True)
-    assert rels(found) == ["b.jpg", "cats/kittens/a.jpg", "cats/tom.jpg", "z.jpg"]
+    assert rels(found, "photos") == ["b.jpg", "cats/kittens/a.jpg", "cats/tom.jpg", "z.jpg"]
     assert found[2].path == str(photos) + "/cats/tom.jpg"
 
 
@@ -174,7 +184,7 @@ def test_directory_named_like_an_image(tmp_path: Path) -> None:
     touch_jpeg(tmp_path / "top.jpg")
     assert rels(items(str(tmp_path))) == ["top.jpg"]  # not recursive: the folder is skipped
     assert rels(items(str(tmp_path), recursive=True)) == ["dir.jpg/inner.jpg", "top.jpg"]
-    assert rels(items(str(tmp_path / "dir.jpg"))) == ["inner.jpg"]  # named: scanned as a folder
+    assert rels(items(str(tmp_path / "dir.jpg"))) == ["dir.jpg/inner.jpg"]  # named: scanned as a folder
     listed = items("-", stdin=io.BytesIO(os.fsencode(tmp_path / "dir.jpg") + b"\n"))
     assert reasons(listed) == {rels(listed)[0]: Reason.IS_DIRECTORY}
     assert load_error(tmp_path / "dir.jpg").reason == Reason.IS_DIRECTORY
@@ -192,45 +202,58 @@ def test_scan_is_lazy_generator(tmp_path: Path) -> None:
 # -- discovery: naming ------------------------------------------------------------------------
 
 
-def test_explicit_file_any_extension_and_base_name(tmp_path: Path) -> None:
+def test_explicit_file_any_extension_and_its_path(tmp_path: Path) -> None:
     tom = touch_jpeg(tmp_path / "a" / "b" / "tom.jpg")
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image, but named explicitly")
-    found = items(str(tom), str(notes))
-    assert [(i.path, i.rel, i.error) for i in found] == [
-        (str(tom), "tom.jpg", None),
-        (str(notes), "notes.txt", None),
+    found = items(str(tom), "notes.txt")
+    assert [(i.path, i.rel, i.source, i.error) for i in found] == [
+        (str(tom), "a/b/tom.jpg", "a/b/tom.jpg", None),
+        ("notes.txt", "notes.txt", "notes.txt", None),
     ]
 
 
-def test_rel_collisions(tmp_path: Path) -> None:
+def test_output_names_follow_the_path_whatever_the_order(tmp_path: Path) -> None:
     one = touch_jpeg(tmp_path / "one" / "tom.jpg")
     two = touch_jpeg(tmp_path / "two" / "tom.jpg")
     three = touch_jpeg(tmp_path / "three" / "Tom.jpg")
     touch_jpeg(tmp_path / "f1" / "cats" / "x.jpg")
     touch_jpeg(tmp_path / "f2" / "cats" / "x.jpg")
     found = items(str(one), str(two), str(three), str(tmp_path / "f1"), str(tmp_path / "f2"), recursive=True)
-    assert rels(found) == ["tom.jpg", "tom.jpg~2", "Tom.jpg~3", "cats/x.jpg", "cats/x.jpg~2"]
-    # an output folder never nests inside another: tom.jpg/ holds tom.jpg's outputs
-    touch_jpeg(tmp_path / "f3" / "tom.jpg" / "a.png")
-    nested = items(str(one), str(tmp_path / "f3"), recursive=True)
-    assert rels(nested) == ["tom.jpg", "tom.jpg~2/a.png"]
-    reverse = items(str(tmp_path / "f3"), str(one), recursive=True)
-    assert rels(reverse) == ["tom.jpg/a.png", "tom.jpg~2"]
-    # deterministic
-    assert rels(items(str(one), str(two), str(three))) == ["tom.jpg", "tom.jpg~2", "Tom.jpg~3"]
+    expected = ["one/tom.jpg", "two/tom.jpg", "three/Tom.jpg", "f1/cats/x.jpg", "f2/cats/x.jpg"]
+    assert rels(found) == expected
+    # the other order gives every input the same name
+    found = items(str(tmp_path / "f2"), str(tmp_path / "f1"), str(three), str(two), str(one), recursive=True)
+    assert rels(found) == expected[::-1]
+
+
+def test_suffixed_names_are_short_and_depend_on_the_input_alone() -> None:
+    from vitattn.discovery import suffixed
+
+    a = suffixed("photos/cat.jpg", "/abs/photos/cat.jpg")
+    assert a == suffixed("photos/cat.jpg", "/abs/photos/cat.jpg") and a.startswith("photos/cat.jpg~")
+    assert a != suffixed("photos/cat.jpg", "photos/cat.jpg")
+    long = "é" * 127 + ".png"  # 258 bytes is over the limit with the suffix
+    name = suffixed(f"d/{long}", "x").rpartition("/")[2]
+    assert len(os.fsencode(name)) <= 255 and name.startswith("é" * 100) and "~" in name
+    name.encode("utf-8")  # cut on a character boundary
 
 
 def test_stdin_rel_normalised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     work = tmp_path / "work"
     touch_jpeg(work / "a" / "x.jpg")
+    (work / "a" / "b").mkdir()
     touch_jpeg(tmp_path / "up.jpg")
     absolute = touch_jpeg(tmp_path / "abs" / "y.jpg")
     monkeypatch.chdir(work)
-    listing = f"./a/x.jpg\n../up.jpg\n{absolute}\na//./x.jpg\n".encode()
+    listing = f"./a/x.jpg\n../up.jpg\n{absolute}\na//./b/../x.jpg\n".encode()
     found = items("-", stdin=io.BytesIO(listing))
-    assert rels(found) == ["a/x.jpg", "__/up.jpg", str(absolute).lstrip("/")]
+    # outside the current folder: the absolute path without its leading slash (tar's rule)
+    up = str(tmp_path / "up.jpg")
+    assert rels(found) == ["a/x.jpg", up.lstrip("/"), str(absolute).lstrip("/"), "a/x.jpg"]
+    assert [i.source for i in found] == ["a/x.jpg", up, str(absolute), "a/x.jpg"]
     assert found[0].path == "./a/x.jpg"  # the path as given
+    assert found[3].duplicate_of == "./a/x.jpg"  # a//./b/../x.jpg is the same file
     assert all(item.error is None for item in found)
     for item in found:
         assert not item.rel.startswith("/") and ".." not in item.rel.split("/")
@@ -287,7 +310,7 @@ def test_stdin_pipe_yields_before_writer_finishes(tmp_path: Path) -> None:
         assert item.path == str(first)
         writer.write(b".jpg\n")
         writer.close()
-        assert [i.rel for i in found] == [str(tmp_path / "partial.jpg").lstrip("/")]
+        assert [i.rel for i in found] == ["partial.jpg"]  # inside the current folder: relative to it
 
 
 # -- discovery: errors ------------------------------------------------------------------------
@@ -334,7 +357,7 @@ def test_directory_symlink_loop_reported_once(tmp_path: Path) -> None:
     (photos / "sub" / "self").symlink_to(photos / "sub")
     (photos / "alias").symlink_to(photos / "sub")  # not a loop: a second way to reach sub/
     found = items(str(photos), recursive=True)
-    assert reasons(found) == {
+    assert reasons(found, "photos") == {
         "a.jpg": None,
         "alias/b.jpg": None,
         "alias/self": Reason.SYMLINK_LOOP,
@@ -387,14 +410,21 @@ def test_exclude_output_folder(tmp_path: Path) -> None:
     out = photos / "out"
     inside = touch_jpeg(out / "a.jpg" / "overlay.jpg")
     (tmp_path / "out-link").symlink_to(out)
+    (photos / "also-out").symlink_to(out)  # the output folder met again during the scan, by another path
     for exclude in ([str(out)], [out], [str(tmp_path / "out-link")]):
-        assert rels(items(str(photos), recursive=True, exclude=exclude)) == ["a.jpg"]
-        assert items(str(inside), str(out), exclude=exclude) == []
-        assert items("-", stdin=io.BytesIO(os.fsencode(inside)), exclude=exclude) == []
-    assert rels(items(str(photos), recursive=True)) == ["a.jpg", "out/a.jpg/overlay.jpg"]
+        assert rels(items(str(photos), recursive=True, exclude=exclude), "photos") == ["a.jpg"]
+        # named or listed inside it: reported, not dropped
+        named = items(str(inside), str(out), exclude=exclude)
+        assert [(i.path, i.error.reason if i.error else None) for i in named] == [
+            (str(inside), Reason.INSIDE_OUTPUT),
+            (str(out), Reason.INSIDE_OUTPUT),
+        ]
+        listed = items("-", stdin=io.BytesIO(os.fsencode(inside)), exclude=exclude)
+        assert [i.error.reason if i.error else None for i in listed] == [Reason.INSIDE_OUTPUT]
+    assert rels(items(str(photos), recursive=True), "photos") == ["a.jpg", "also-out/a.jpg/overlay.jpg"]
 
 
-def test_same_file_yielded_once(tmp_path: Path) -> None:
+def test_the_same_file_again_is_reported_as_a_duplicate(tmp_path: Path) -> None:
     photos = tmp_path / "photos"
     a = touch_jpeg(photos / "a.jpg")
     (tmp_path / "link.jpg").symlink_to(a)
@@ -406,9 +436,15 @@ def test_same_file_yielded_once(tmp_path: Path) -> None:
         str(tmp_path / "photos-link"),
         f"{photos}/../photos/a.jpg",
     )
-    assert [(i.path, i.rel) for i in found] == [(str(a), "a.jpg")]
+    # photos/ and photos-link/ are one folder, scanned once; every other way to the file is a duplicate
+    assert [(i.path, i.rel, i.duplicate_of) for i in found] == [
+        (str(a), "photos/a.jpg", None),
+        (str(tmp_path / "link.jpg"), "link.jpg", str(a)),
+        (str(a), "photos/a.jpg", str(a)),
+        (f"{photos}/../photos/a.jpg", "photos/a.jpg", str(a)),
+    ]
     listed = items(str(a), "-", stdin=io.BytesIO(os.fsencode(a) + b"\n" + os.fsencode(a)))
-    assert len(listed) == 1
+    assert [i.duplicate_of for i in listed] == [None, str(a), str(a)]
 
 
 def test_tricky_names(tmp_path: Path) -> None:

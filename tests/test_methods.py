@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import METHOD_FAMILIES, tiny_model
+from conftest import METHOD_FAMILIES, result_folder, tiny_model
 from PIL import Image
 from reference import recorded_attention
 from torch import nn
@@ -487,14 +487,15 @@ def test_cli_methods_write_the_documented_files(photo: Path, tmp_path: Path, met
     code, rec, err = invoke([str(photo), "-o", str(tmp_path), "--method", method, "-b", "1,3", "--npy"])
     assert code == 0, err
     assert rec is not None and rec["method"] == method and rec["block"] == 1
-    folder = tmp_path / "wide.jpg"
-    names = set(p.name for p in folder.iterdir())
+    folder = result_folder(tmp_path, photo)
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}  # .vitattn.lock: the writers' lock
     for b in (1, 3):
         if method == "raw":
             want = {f"block{b}_head0.png", f"block{b}_head1.png", f"block{b}_mean.png", f"block{b}_attn.npy"}
+            want.add(f"block{b}_grid.png")
         else:
-            want = {f"block{b}_{method}.png", f"block{b}_{method}.npy"}
-        assert want | {f"block{b}_grid.png"} <= names
+            want = {f"block{b}_{method}.png", f"block{b}_{method}.npy", f"block{b}_{method}_grid.png"}
+        assert want <= names
     assert not any(n.startswith(("block0", "block2", "block4", "block5")) for n in names)
     meta = json.loads((folder / "meta.json").read_text())
     assert set(meta["files"]) == names and meta["method"] == method
@@ -519,10 +520,10 @@ def test_cli_fuse_and_threshold(photo: Path, tmp_path: Path) -> None:
     code, rec, err = invoke(args)
     assert code == 0, err
     assert rec is not None
-    folder = out / "wide.jpg"
+    folder = result_folder(out, photo)
     assert rec["files"]["mean"] == str(folder / "block2_max.png")
     assert rec["files"]["masks"] == {
-        "heads": [str(folder / "block2_head0_mask.png"), str(folder / "block2_head1_mask.png")],
+        "heads": [str(folder / "block2_max_head0_mask.png"), str(folder / "block2_max_head1_mask.png")],
         "mean": str(folder / "block2_max_mask.png"),
     }
     assert all(Path(p).is_file() for p in [*rec["files"]["masks"]["heads"], rec["files"]["masks"]["mean"]])
@@ -540,7 +541,7 @@ def test_cli_block_all_in_one_pass(photo: Path, tmp_path: Path) -> None:
     assert all(Path(b["files"]["map"]).is_file() for b in rec["blocks"])
 
 
-def test_cli_rerun_skips_and_another_method_needs_overwrite(photo: Path, tmp_path: Path) -> None:
+def test_cli_rerun_skips_and_another_method_sits_next_to_it(photo: Path, tmp_path: Path) -> None:
     args = [str(photo), "-o", str(tmp_path), "-b", "1,3", "--method", "rollout", "--top-k", "0"]
     code, first, err = invoke(args)
     assert code == 0, err
@@ -549,13 +550,15 @@ def test_cli_rerun_skips_and_another_method_needs_overwrite(photo: Path, tmp_pat
     assert again["blocks"] == first["blocks"] and again["head_stats"] == first["head_stats"]  # type: ignore[index]
     other = [str(photo), "-o", str(tmp_path), "-b", "1,3", "--method", "grad-rollout"]
     code, rec, err = invoke(other)
-    assert code == 1 and rec is not None and rec["error"] == "outputs exist (use --overwrite)"
-    code, rec, err = invoke([*other, "--overwrite"])
-    assert code == 0, err
-    names = sorted(p.name for p in (tmp_path / "wide.jpg").iterdir())
+    assert code == 0 and rec is not None and rec["status"] == "ok", err
+    names = sorted(p.name for p in result_folder(tmp_path, photo).iterdir() if not p.name.startswith("."))
     assert names == sorted(
-        ["block1_grad-rollout.png", "block1_grid.png", "block3_grad-rollout.png", "block3_grid.png", "meta.json"]
-    )  # the rollout files are gone
+        [f"block{b}_{m}{kind}.png" for b in (1, 3) for m in ("rollout", "grad-rollout") for kind in ("", "_grid")]
+        + ["meta.json"]
+    )  # both results, side by side
+    code, rec, err = invoke([*other, "--overwrite"])
+    assert code == 0 and rec is not None and rec["status"] == "ok", err
+    assert sorted(p.name for p in result_folder(tmp_path, photo).iterdir() if not p.name.startswith(".")) == names
 
 
 @pytest.mark.parametrize(

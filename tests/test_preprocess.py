@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import result_folder
 from PIL import Image
 from timm.data import create_transform
 from typer.testing import CliRunner
@@ -75,12 +76,12 @@ def test_exif_rotated_and_draft_decoded_photos_report_full_upright_geometry(tmp_
         app, ["heatmap", str(path), "-m", "test_vit", "--no-pretrained", "-o", str(tmp_path / "o")]
     )
     assert result.exit_code == 0, result.stderr
-    meta = json.loads((tmp_path / "o" / "rotated.jpg" / "meta.json").read_text())
+    meta = json.loads((result_folder(tmp_path / "o", path) / "meta.json").read_text())
     assert meta["image_size"] == [1600, 2400]
     transform = create_transform(input_size=(3, 160, 160), crop_pct=0.95, crop_mode="center", interpolation="bicubic")
     expected = crop_box(transform, (1600, 2400))
     np.testing.assert_allclose(meta["crop_box"], expected, atol=4.0)  # draft rounding: a few full-size pixels
-    with Image.open(tmp_path / "o" / "rotated.jpg" / "block5_mean.png") as im:
+    with Image.open(result_folder(tmp_path / "o", path) / "block5_mean.png") as im:
         assert im.size == (341, 512)  # portrait, long side --max-side
 
 

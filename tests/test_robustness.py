@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, os.path.dirname(__file__))
 import corpus
+from conftest import result_folder
 
 from vitattn.cli import app
 from vitattn.errors import Reason, display_path
@@ -42,6 +43,17 @@ NAN_TIFF = corpus.encode(Image.fromarray(np.array([[0.0, np.nan, 0.5]], dtype=np
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in ``tmp_path`` (CLI processes inherit it): inputs there map to ``OUT/<name>``."""
+    monkeypatch.chdir(tmp_path)
+
+
+def folders(out: Path, paths: list[str]) -> set[str]:
+    """The result folders of ``paths`` below ``out``, by the documented rule (see conftest.result_folder)."""
+    return {result_folder(out, p).relative_to(out).as_posix() for p in paths}
 
 
 def invoke(args: list[str], stdin: bytes | None = None) -> tuple[int, bytes, str]:
@@ -92,6 +104,7 @@ def complete_results(out: Path) -> set[str]:
     done = set()
     for folder, _, files in os.walk(out):
         assert not [f for f in files if TMP_MARK in f], f"temporary files left in {folder}: {files}"
+        files = [f for f in files if f != ".vitattn.lock"]  # the writers' lock stays
         if not files:
             continue
         assert META in files, f"incomplete result in {folder}: {files}"
@@ -250,11 +263,11 @@ def test_corpus_folder_run(corpus_dir: Corpus, tmp_path: Path) -> None:
         assert f"vitattn: warning: {c.path(name)}: {warning}" in lines(stderr, "warning")
     good = sorted([*c.good, *c.warned])
     # stdout: one folder per good input, the names' bytes exactly as on disk
-    assert sorted(proc.stdout.splitlines()) == sorted(os.fsencode(out / n) for n in good)
-    assert complete_results(out) == set(good)
+    assert sorted(proc.stdout.splitlines()) == sorted(os.fsencode(result_folder(out, c.path(n))) for n in good)
+    assert complete_results(out) == folders(out, [c.path(n) for n in good])
     assert summary(stderr) == (len(good), 0, len(c.bad) + 1, len(good) + len(c.bad) + 1)
     assert snapshot(c.root) == before  # inputs only read
-    meta = json.loads((out / "rotated.jpg" / META).read_text())
+    meta = json.loads((result_folder(out, c.path("rotated.jpg")) / META).read_text())
     assert meta["image_size"] == [20, 32]  # stored 32x20 with EXIF orientation 6: upright size
 
 
@@ -294,15 +307,11 @@ def test_corpus_as_a_nul_separated_list(corpus_dir: Corpus, tmp_path: Path) -> N
 
 
 def test_each_stage_failure_is_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vitattn.imagefiles
     import vitattn.job
+    import vitattn.store
 
     photos = [noisy(tmp_path / f"{n}.png", size=(40 + i, 30)) for i, n in enumerate("abcde")]
-    real_forward, real_save, real_crop = (
-        vitattn.job.forward_batch,
-        vitattn.imagefiles.save_image,
-        vitattn.job.crop_box,
-    )
+    real_forward, real_crop = vitattn.job.forward_batch, vitattn.job.crop_box
     calls = []
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -311,10 +320,12 @@ def test_each_stage_failure_is_isolated(tmp_path: Path, monkeypatch: pytest.Monk
             raise RuntimeError("CUDA out of memory (simulated)\nmore details")
         return real_forward(*args, **kwargs)
 
-    def save(image: Image.Image, path: Any, **kwargs: Any) -> None:
-        if "c.png" in os.fspath(path):
+    real_write = vitattn.store.ResultFolder.write
+
+    def write(self: Any, name: str, fn: Any) -> int:
+        if self.path.name == "c.png" and name.endswith(".png"):
             raise ValueError("encoder exploded")
-        real_save(image, path, **kwargs)
+        return real_write(self, name, fn)
 
     def crop(transform: Any, size: tuple[int, int]) -> Any:
         if size == (43, 30):  # d.png
@@ -322,7 +333,7 @@ def test_each_stage_failure_is_isolated(tmp_path: Path, monkeypatch: pytest.Monk
         return real_crop(transform, size)
 
     monkeypatch.setattr(vitattn.job, "forward_batch", forward)
-    monkeypatch.setattr(vitattn.imagefiles, "save_image", save)
+    monkeypatch.setattr(vitattn.store.ResultFolder, "write", write)
     monkeypatch.setattr(vitattn.job, "crop_box", crop)
     out = tmp_path / "out"
     code, stdout, stderr = invoke([*map(str, photos), "-o", str(out), *MODEL, "--batch-size", "1"])
@@ -352,7 +363,7 @@ def test_fail_fast_stops_at_the_first_failure(tmp_path: Path) -> None:
 # -- 4, 5: rerun, resume, overwrite, leftovers of a killed run -------------------------------------------
 
 
-def test_rerun_skips_and_other_settings_need_overwrite(tmp_path: Path) -> None:
+def test_rerun_skips_picture_settings_redraw_and_edits_need_overwrite(tmp_path: Path) -> None:
     a, b = noisy(tmp_path / "in" / "a.png"), noisy(tmp_path / "in" / "b.jpg", seed=1)
     out = tmp_path / "out"
     base = [str(a), str(b), "-o", str(out), *MODEL, "--json"]
@@ -362,21 +373,21 @@ def test_rerun_skips_and_other_settings_need_overwrite(tmp_path: Path) -> None:
     code, stdout, stderr = invoke([*base, "--npy"])  # a second run rewrites nothing
     assert code == 0 and [r["status"] for r in records(stdout)] == ["skipped", "skipped"]
     assert mtimes(out) == first and summary(stderr) == (0, 2, 0, 2)
-    code, stdout, stderr = invoke([*base, "--cmap", "viridis"])  # other settings: refused, nothing touched
+    # an edited input: its result is not "done", and not replaced without --overwrite
+    noisy(a, seed=9)
+    os.utime(a, ns=(first[str(out / "in" / "a.png" / META)], first[str(out / "in" / "a.png" / META)] + 10**9))
+    code, stdout, stderr = invoke([*base, "--npy"])
     assert code == 1
-    assert_errors(stderr, {str(a): Reason.OUTPUTS_EXIST, str(b): Reason.OUTPUTS_EXIST})
-    assert [r["error"] for r in records(stdout)] == [Reason.OUTPUTS_EXIST] * 2
+    assert_errors(stderr, {str(a): Reason.OUTPUTS_EXIST})
+    assert [r.get("error") for r in records(stdout)] == [Reason.OUTPUTS_EXIST, None]
     assert mtimes(out) == first
-    other = noisy(tmp_path / "other" / "a.png", seed=7)  # another file with the same name: not "already done"
-    code, _, stderr = invoke([str(other), "-o", str(out), *MODEL, "--npy"])
-    assert code == 1 and f"vitattn: error: {other}: {Reason.OUTPUTS_EXIST}" in stderr
-    assert mtimes(out) == first
-    code, stdout, stderr = invoke([*base, "--cmap", "viridis", "--overwrite"])  # redone, old extras removed
+    # picture settings only: redrawn in place, the array kept unless --npy is dropped
+    code, stdout, stderr = invoke([*base, "--cmap", "viridis", "--overwrite"])
     assert code == 0 and [r["status"] for r in records(stdout)] == ["ok", "ok"], stderr
-    assert complete_results(out) == {"a.png", "b.jpg"}
-    meta = json.loads((out / "a.png" / META).read_text())
-    assert meta["settings"]["cmap"] == "viridis" and not (out / "a.png" / "block5_attn.npy").exists()
-    assert all(mtimes(out)[p] != t for p, t in first.items() if Path(p).exists())
+    assert complete_results(out) == {"in/a.png", "in/b.jpg"}
+    meta = json.loads((out / "in" / "a.png" / META).read_text())
+    assert meta["settings"]["cmap"] == "viridis" and not (out / "in" / "a.png" / "block5_attn.npy").exists()
+    assert all(mtimes(out)[p] != t for p, t in first.items() if Path(p).exists() and not p.endswith(".lock"))
 
 
 def test_leftovers_of_a_killed_run_are_cleaned_and_redone(tmp_path: Path) -> None:
@@ -415,13 +426,13 @@ def test_disk_full_aborts_and_keeps_earlier_results(tmp_path: Path, monkeypatch:
     lock = threading.Lock()
     done = [0]
 
-    def replace(src: Any, dst: Any) -> None:
+    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
         with lock:
             done[0] += 1
-            full = done[0] > 12  # 5 files per input: two and a half results fit
+            full = done[0] > 15  # 6 files per input (meta.json twice): two and a half results fit
         if full:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_replace(src, dst)
+        real_replace(src, dst, **kwargs)
 
     monkeypatch.setattr(os, "replace", replace)
     out = tmp_path / "out"
@@ -472,6 +483,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(many: Path, tmp_path: Path) 
     assert reported  # between printing a result and counting it
     finished = complete_results(out)  # only complete folders, no temporary files: the write pool was drained
     assert {str(out / f) for f in finished} >= set(reported)
+    finished = {Path(f).name for f in finished}
     code, stdout, stderr = invoke([str(many), "-o", str(out), *MODEL, "--json"])
     assert code == 0, stderr
     status = {Path(r["input"]).name: r["status"] for r in records(stdout)}

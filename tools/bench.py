@@ -9,6 +9,7 @@ medians, and the range of the ratios within each round (a run against the baseli
 - plain classification (decode, the model's transform, forward at batch 16): the physical limit of the job;
 - vitattn end to end with default outputs (PNG, every head, mean, grid), with ``--format jpg``, and at block 5
   with ``--top-k 0`` (the forward pass stops early);
+- ``vitattn stats --top-k 0`` over every block (attention distance, entropy, prefix mass, sinks), plots left out;
 - the naive recipe (patched ``attn.forward`` plus a matplotlib figure per head) on a small subset;
 - peak memory (max RSS) of the CLI for 100 and for 1000 images;
 - ``vitattn --help`` latency, and one image through the CLI against a bare script that imports timm,
@@ -129,6 +130,26 @@ class Bench:
         self.outputs.append(out)
         if n != len(self.photos):
             raise SystemExit(f"bench: vitattn processed {n} of {len(self.photos)} images")
+        return n / elapsed
+
+    def stats(self) -> float:
+        """``vitattn stats --top-k 0`` at every block (the plots, drawn once per report, are left out)."""
+        from vitattn.options import AttentionOptions, InputOptions, StatsOptions
+        from vitattn.stats_run import start_stats
+
+        out = Path(tempfile.mkdtemp(dir=self.root, prefix="stats-"))
+        run = start_stats(
+            inputs=InputOptions(tuple(str(p) for p in self.photos)),
+            model=self.loaded,
+            attention=AttentionOptions(blocks=None, top_k=0),
+            stats=StatsOptions(out=out, plots=False),
+        )
+        start = time.perf_counter()
+        n = sum(1 for o in run.outcomes() if o.status == "ok")
+        elapsed = time.perf_counter() - start
+        self.outputs.append(out)
+        if n != len(self.photos) or run.report is None or run.report.images != n:
+            raise SystemExit(f"bench: vitattn stats counted {n} of {len(self.photos)} images")
         return n / elapsed
 
     def naive(self) -> float:
@@ -287,6 +308,7 @@ def _measure(bench: Bench, args: argparse.Namespace) -> int:
         "vitattn --format jpg": lambda: bench.vitattn(format="jpg"),
         "vitattn -b 5 --top-k 0 jpg": lambda: bench.vitattn(format="jpg", blocks=[5], top_k=0),
         "naive recipe": bench.naive,
+        "vitattn stats --top-k 0": bench.stats,
     }
     results = _rounds(configs, args.rounds)
     med = {k: _median(v) for k, v in results.items()}
@@ -331,6 +353,7 @@ def _measure(bench: Bench, args: argparse.Namespace) -> int:
                 ("vitattn --format jpg", ">= 0.9x"),
                 ("vitattn -b 5 --top-k 0 jpg", ">= 1.8x"),
                 ("vitattn --precision bf16 jpg", "opt-in"),
+                ("vitattn stats --top-k 0", ">= 0.8x"),
                 ("naive recipe", ""),
             )
         ],

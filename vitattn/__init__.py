@@ -45,14 +45,19 @@ if TYPE_CHECKING:
         QueryKind,
         RenderOptions,
         RunOptions,
+        StatsOptions,
     )
     from vitattn.overlays import mask_overlay, overlay
+    from vitattn.statistics import StatsState
+    from vitattn.stats_report import DatasetStats
+    from vitattn.stats_run import dataset_stats, start_stats
 
 _EXPORTS = {
     "AttentionCapture": "vitattn.capture",
     "AttentionOptions": "vitattn.options",
     "BlockMaps": "vitattn.attention",
     "CaptureError": "vitattn.errors",
+    "DatasetStats": "vitattn.stats_report",
     "DEFAULT_MODEL": "vitattn.options",
     "HeadFusion": "vitattn.options",
     "HeatmapRun": "vitattn.heatmap",
@@ -73,6 +78,8 @@ _EXPORTS = {
     "QueryKind": "vitattn.options",
     "RenderOptions": "vitattn.options",
     "RunOptions": "vitattn.options",
+    "StatsOptions": "vitattn.options",
+    "StatsState": "vitattn.statistics",
     "TokenLayout": "vitattn.models",
     "UnsupportedModelError": "vitattn.errors",
     "UsageError": "vitattn.errors",
@@ -80,6 +87,7 @@ _EXPORTS = {
     "WeightsUnavailableError": "vitattn.errors",
     "attention_rollout": "vitattn.maps",
     "colormap_lut": "vitattn.colors",
+    "dataset_stats": "vitattn.stats_run",
     "describe": "vitattn.models",
     "explain": "vitattn.explainer",
     "explore": "vitattn.explorer",
@@ -93,6 +101,7 @@ _EXPORTS = {
     "overlay": "vitattn.overlays",
     "scale_maps": "vitattn.colors",
     "start_heatmap": "vitattn.heatmap",
+    "start_stats": "vitattn.stats_run",
     "supported_models": "vitattn.models",
     "wrap_model": "vitattn.models",
 }
@@ -117,6 +126,7 @@ __all__ = [
     "AttentionOptions",
     "BlockMaps",
     "CaptureError",
+    "DatasetStats",
     "Explorer",
     "HeadFusion",
     "HeatmapRun",
@@ -137,6 +147,8 @@ __all__ = [
     "QueryKind",
     "RenderOptions",
     "RunOptions",
+    "StatsOptions",
+    "StatsState",
     "TokenLayout",
     "UnsupportedModelError",
     "UsageError",
@@ -144,6 +156,7 @@ __all__ = [
     "WeightsUnavailableError",
     "attention_rollout",
     "colormap_lut",
+    "dataset_stats",
     "describe",
     "explain",
     "explore",
@@ -156,6 +169,7 @@ __all__ = [
     "overlay",
     "scale_maps",
     "start_heatmap",
+    "start_stats",
     "supported_models",
     "wrap_model",
 ]

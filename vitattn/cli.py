@@ -34,6 +34,7 @@ from vitattn.options import (
     Query,
     RenderOptions,
     RunOptions,
+    StatsOptions,
 )
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ FLAGS = {
     "alpha": "--alpha",
     "batch_size": "--batch-size",
     "blocks": "--block",
+    "classes": "--classes",
     "cmap": "--cmap",
     "device": "--device",
     "discard_ratio": "--discard-ratio",
@@ -554,6 +556,174 @@ def _run_guarded(debug: bool, call: Any, progress: _Progress | None = None) -> N
             _to_stderr(progress.summary() + "\n")
         signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
+
+
+@app.command(no_args_is_help=False)
+def stats(
+    ctx: typer.Context,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Image files, folders, or - to read paths from stdin; with --merge, report folders.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Report folder.")] = StatsOptions.out,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Merge the report folders given as INPUTS into the report -o.")
+    ] = False,
+    recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Descend into sub-folders.")] = False,
+    null: Annotated[
+        bool, typer.Option("-0", "--null", help="Paths on stdin are NUL-separated (find -print0).")
+    ] = False,
+    model: Annotated[
+        str,
+        typer.Option("-m", "--model", help="timm model name, hf-hub:ORG/NAME, local-dir:PATH, or demo (bundled)."),
+    ] = DEFAULT_MODEL,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights", metavar="FILE", help="Local checkpoint (.safetensors, .pth, .pt, .bin).", show_default=False
+        ),
+    ] = None,
+    no_pretrained: Annotated[
+        bool, typer.Option("--no-pretrained", help="Random weights, seeded (the statistics are meaningless).")
+    ] = False,
+    block: Annotated[
+        list[str] | None,
+        typer.Option("-b", "--block", help="Block index; negatives count from the end. Repeat or use 3,11 or all.",
+                     show_default="all"),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k",
+            min=0,
+            help="0: no predictions and no per-class maps (the forward pass stops after the last block); "
+            "otherwise the top-1 class is used.",
+            show_default="1 with a classifier",
+        ),
+    ] = None,
+    classes: Annotated[
+        int, typer.Option("--classes", min=0, help="Most frequent predicted classes given a mean map of their own.")
+    ] = StatsOptions.classes,
+    no_plots: Annotated[
+        bool, typer.Option("--no-plots", help="Write heads.csv and stats.json only (no matplotlib plots).")
+    ] = not StatsOptions.plots,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON record per input on stdout, then one for the report.")
+    ] = False,
+    device: Annotated[
+        str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda[:N], mps.")
+    ] = ModelOptions.device,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Images per forward pass.")
+    ] = RunOptions.batch_size,
+    precision: Annotated[
+        Precision, typer.Option("--precision", case_sensitive=False, help="Forward-pass precision (autocast).")
+    ] = AttentionOptions.precision,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start afresh; otherwise a rerun adds only inputs not counted yet.")
+    ] = StatsOptions.overwrite,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Stop at the first failed input.")
+    ] = RunOptions.fail_fast,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option("--max-pixels", min=0, help="Largest picture accepted, in pixels (0: no limit).",
+                     show_default="Pillow's limit, about 89.5 M"),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Attention statistics over a dataset: distance, entropy, prefix mass, sinks per head; maps per class."""
+    if not inputs:
+        if merge or _stdin_is_terminal():
+            name = ctx.command_path
+            what = "report folders to merge" if merge else "image files or folders, or pipe paths in (- reads stdin)"
+            sys.stderr.write(
+                f"Usage: {name} [OPTIONS] INPUTS...\nTry '{name} --help' for help.\n\n"
+                f"vitattn: error: no inputs: name {what}\n"
+            )
+            raise typer.Exit(ExitCode.USAGE)
+        inputs = ["-"]
+    progress = _Progress()
+    options = StatsOptions(out=out, classes=classes, overwrite=overwrite, plots=not no_plots)
+
+    def call() -> int:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out}: exists and is not a folder", option="out")
+        if merge:
+            from vitattn.stats_report import merge_reports
+
+            report, files = merge_reports(
+                [Path(p) for p in inputs], out, overwrite=overwrite, classes=classes, plots=not no_plots
+            )
+            _stats_summary(out, files, report.images, as_json=as_json)
+            return ExitCode.OK
+        stdin = None
+        if "-" in inputs:
+            if sys.stdin is None:
+                raise UsageError("- reads paths from stdin, but stdin is closed", option="inputs")
+            stdin = sys.stdin.buffer
+        return _stats(
+            progress,
+            stdin=stdin,
+            as_json=as_json,
+            debug=debug,
+            inputs=InputOptions(tuple(inputs), recursive=recursive, null_separated=null),
+            model=ModelOptions(model, weights=weights, pretrained=not no_pretrained, device=device),
+            attention=AttentionOptions(
+                blocks=_parse_blocks(block) if block else None, top_k=top_k, precision=precision
+            ),
+            options=options,
+            run=RunOptions(
+                batch_size=batch_size,
+                fail_fast=fail_fast,
+                max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None),
+            ),
+        )
+
+    _run_guarded(debug, call, progress)
+
+
+def _stats(
+    progress: _Progress,
+    *,
+    inputs: InputOptions,
+    model: ModelOptions,
+    attention: AttentionOptions,
+    options: StatsOptions,
+    run: RunOptions,
+    stdin: BinaryIO | None,
+    as_json: bool,
+    debug: bool,
+) -> int:
+    from vitattn.discovery import folder_hints
+    from vitattn.stats_run import start_stats
+
+    for hint in folder_hints(inputs.paths, recursive=inputs.recursive):
+        _err(hint.replace("with recursive", "with -r"), "hint")
+    started = start_stats(inputs=inputs, model=model, attention=attention, stats=options, run=run, stdin=stdin)
+    if started.loaded.weights == "random":
+        _err("--no-pretrained: random weights, so the statistics are meaningless (useful for testing only)", "warning")
+    progress.started = True
+    with contextlib.closing(started.outcomes()) as outcomes:  # closing saves the sums so far, also on errors
+        for outcome in outcomes:
+            _report(outcome, as_json=as_json, progress=progress, debug=debug)
+    progress.clear()
+    if started.report is not None:
+        _stats_summary(options.out, started.files, started.report.images, as_json=as_json)
+    return ExitCode.INPUT_FAILED if progress.counts["error"] else ExitCode.OK
+
+
+def _stats_summary(out: Path, files: dict[str, str], images: int, *, as_json: bool) -> None:
+    """The report's line on stdout: its folder, or a JSON record with its files."""
+    from vitattn.outputs import json_line
+
+    if as_json:
+        _emit(json_line({"report": os.fspath(out), "images": images, "files": files}))
+    else:
+        _emit(os.fspath(out))
 
 
 @app.command()

@@ -22,6 +22,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({"jpg", "jpeg", "png", "webp", "bmp
 
 
 _STDIN_CHUNK = 64 * 1024
+_SEEN_LIMIT = 1_000_000  # identities remembered for duplicates: bounded, for endless stdin lists
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,24 @@ class InputItem:
     Attributes:
         path: Filesystem path as given or as found by a scan (may hold surrogate escapes for
             file names that are not valid UTF-8; ``os.fsencode`` restores the bytes).
-        rel: POSIX relative output name, unique within the run (``cats/tom.jpg``); the outputs
-            of this input go to ``OUT/<rel>/``. Never empty, ``.``, ``..`` or absolute.
+        rel: POSIX relative output name (:func:`output_rel`): the outputs of this input go to
+            ``OUT/<rel>/``. Never empty, ``.``, ``..`` or absolute.
         error: A failure already known at discovery time, or None.
+        source: The input's identity, recorded in ``meta.json`` and checked on resume: its path
+            relative to the current folder, or absolute when it lies outside (:func:`output_rel`).
+        duplicate_of: For a file named or found a second time (the same file, by device and inode),
+            the path it was first met as; such an item is reported, never processed twice.
     """
 
     path: str
     rel: str
     error: InputError | None = None
+    source: str = ""
+    duplicate_of: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            object.__setattr__(self, "source", output_rel(self.path)[0])
 
 
 def iter_inputs(
@@ -72,9 +83,11 @@ def iter_inputs(
             yielded, whether found by a scan or named.
 
     Yields:
-        One :class:`InputItem` per distinct input. A file reached twice (same resolved path)
-        is yielded once; ``rel`` names are made unique by appending ``~2``, ``~3``... to the
-        clashing component, in input order.
+        One :class:`InputItem` per input met: a file met again (the same device and inode: a
+        repeated name, ``./x`` and ``x``, a symlink or a hard link) comes back with
+        ``duplicate_of`` set; a file or folder inside an excluded folder comes back with an
+        error (:data:`Reason.INSIDE_OUTPUT`); an excluded folder met during a scan is passed over.
+        ``rel`` is :func:`output_rel` of the path, whatever the source kind.
     """
     finder = _Finder(recursive=recursive, exclude=exclude)
     for source in sources:
@@ -124,7 +137,6 @@ class _Frame:
     """A folder being scanned: where it is and what is left to look at."""
 
     path: str
-    rel: str
     real: str
     ident: tuple[int, int]
     entries: Iterator[os.DirEntry[str]]
@@ -135,46 +147,52 @@ class _Finder:
 
     def __init__(self, *, recursive: bool, exclude: Sequence[str | os.PathLike[str]]) -> None:
         self.recursive = recursive
-        reals = [os.path.realpath(os.fspath(folder)) for folder in exclude]
-        self.excluded = tuple((real, real.rstrip(os.sep) + os.sep) for real in reals)
-        self.seen: set[str] = set()
+        self.excluded: set[tuple[int, int]] = set()  # (device, inode): the folder however it is reached
+        for folder in exclude:
+            try:
+                st = os.stat(folder)
+            except OSError:
+                continue
+            self.excluded.add((st.st_dev, st.st_ino))
+        self._inside: dict[str, bool] = {}  # real folder -> inside an excluded folder
+        self.seen: dict[object, str] = {}  # a file's identity -> the path it was first met as
         self.scanned_dirs: set[tuple[int, int]] = set()
-        self.names = _RelNames()
 
     # -- the three kinds of source ------------------------------------------------------------
 
     def named(self, path: str) -> Iterator[InputItem]:
         """A path given on the command line: a file, a folder to scan, or an error."""
-        rel = _sanitize_rel(os.path.basename(path.rstrip("/" + (os.altsep or ""))))
-        yield from self._source(path, rel, folders_allowed=True)
+        yield from self._source(path, folders_allowed=True)
 
     def listed(self, path: str) -> Iterator[InputItem]:
         """A path read from stdin: a file or an error (a folder is an error here)."""
-        yield from self._source(path, _sanitize_rel(path), folders_allowed=False)
+        yield from self._source(path, folders_allowed=False)
 
-    def _source(self, path: str, rel: str, *, folders_allowed: bool) -> Iterator[InputItem]:
+    def _source(self, path: str, *, folders_allowed: bool) -> Iterator[InputItem]:
         """One named or listed path: a file, a folder to scan (when allowed), or an error; never raises."""
         if "\0" in path:
-            yield from self._emit("nul:" + path, path, rel, nul_error(path))
+            yield from self._emit("nul:" + path, path, nul_error(path))
             return
         real = os.path.realpath(path)
-        if self._is_excluded(real):
-            return
         try:
             st = os.stat(path)
         except OSError as exc:
-            yield from self._emit(real, path, rel, _discovery_error(path, exc))
+            yield from self._emit(real, path, _discovery_error(path, exc))
             return
-        if stat.S_ISDIR(st.st_mode) and folders_allowed:
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if (st.st_dev, st.st_ino) in self.excluded or self._inside_excluded(real if is_dir else os.path.dirname(real)):
+            yield from self._emit(real, path, InputError(path, Reason.INSIDE_OUTPUT))
+            return
+        if is_dir and folders_allowed:
             yield from self._scan(path, real, st)
             return
-        if stat.S_ISDIR(st.st_mode):
+        if is_dir:
             error: InputError | None = InputError(path, Reason.IS_DIRECTORY)
         elif stat.S_ISREG(st.st_mode):
             error = None
         else:
             error = not_regular(path, st.st_mode)
-        yield from self._emit(real, path, rel, error)
+        yield from self._emit((st.st_dev, st.st_ino) if error is None else real, path, error)
 
     def _scan(self, root: str, root_real: str, root_st: os.stat_result) -> Iterator[InputItem]:
         """Scan a folder source, one directory listing at a time (depth first, sorted)."""
@@ -182,12 +200,11 @@ class _Finder:
         if ident in self.scanned_dirs:
             return
         self.scanned_dirs.add(ident)
-        root_rel = _sanitize_rel(os.path.basename(root.rstrip("/" + (os.altsep or ""))))
         listing = _list_dir(root)
         if isinstance(listing, OSError):
-            yield from self._emit("dir:" + root_real, root, root_rel, _discovery_error(root, listing))
+            yield from self._emit("dir:" + root_real, root, _discovery_error(root, listing))
             return
-        stack = [_Frame(root, "", root_real, ident, iter(listing))]
+        stack = [_Frame(root, root_real, ident, iter(listing))]
         ancestors = {ident}
         while stack:
             frame = stack[-1]
@@ -199,7 +216,6 @@ class _Finder:
             name = entry.name
             if name.startswith("."):
                 continue
-            rel = f"{frame.rel}/{name}" if frame.rel else name
             is_link = _is_symlink(entry)
             real = os.path.realpath(entry.path) if is_link else os.path.join(frame.real, name)
             try:
@@ -207,18 +223,20 @@ class _Finder:
             except OSError:
                 is_dir = False
             if is_dir:
-                if not self.recursive or self._is_excluded(real):
+                if not self.recursive:
                     continue
                 try:
                     st = entry.stat()
                 except OSError as exc:
-                    yield from self._emit("dir:" + real, entry.path, rel, _discovery_error(entry.path, exc))
+                    yield from self._emit("dir:" + real, entry.path, _discovery_error(entry.path, exc))
                     continue
                 child = (st.st_dev, st.st_ino)
+                if child in self.excluded:
+                    continue  # the output folder, however it is reached (a bind mount, another case)
                 if child in ancestors:
                     error = InputError(entry.path, Reason.SYMLINK_LOOP, "leads back to an enclosing folder")
                     loop_key = "loop:" + os.path.join(frame.real, name)
-                    yield from self._emit(loop_key, entry.path, rel, error)
+                    yield from self._emit(loop_key, entry.path, error)
                     continue
                 if child in self.scanned_dirs:
                     continue  # already scanned through another path: its files are all seen
@@ -226,37 +244,54 @@ class _Finder:
                 listing = _list_dir(entry.path)
                 if isinstance(listing, OSError):
                     error = _discovery_error(entry.path, listing)
-                    yield from self._emit("dir:" + real, entry.path, rel, error)
+                    yield from self._emit("dir:" + real, entry.path, error)
                     continue
-                stack.append(_Frame(entry.path, rel, real, child, iter(listing)))
+                stack.append(_Frame(entry.path, real, child, iter(listing)))
                 ancestors.add(child)
                 continue
-            if not _has_image_extension(name) or self._is_excluded(real):
+            if not _has_image_extension(name):
                 continue
             try:
-                is_file = entry.is_file()
-            except OSError:
-                is_file = False
-            if is_file:
-                yield from self._emit(real, entry.path, rel, None)
-                continue
-            try:  # not a folder, not a regular file: find out why
-                st = os.stat(entry.path)
+                st = entry.stat()
             except OSError as exc:
-                yield from self._emit(real, entry.path, rel, _discovery_error(entry.path, exc))
-            else:
-                yield from self._emit(real, entry.path, rel, not_regular(entry.path, st.st_mode))
+                yield from self._emit(real, entry.path, _discovery_error(entry.path, exc))
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield from self._emit((st.st_dev, st.st_ino), entry.path, None)
+            else:  # not a folder, not a regular file
+                yield from self._emit(real, entry.path, not_regular(entry.path, st.st_mode))
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _emit(self, key: str, path: str, rel: str, error: InputError | None) -> Iterator[InputItem]:
-        if key in self.seen:
+    def _emit(self, key: object, path: str, error: InputError | None) -> Iterator[InputItem]:
+        """One item; ``key`` is the file's identity (device, inode) or, for an error, a text naming it."""
+        source, rel = output_rel(path)
+        first = self.seen.get(key)
+        if first is not None:  # the same file again: reported, not processed twice (or its error again)
+            yield InputItem(path, rel, error, source, duplicate_of=None if error else first)
             return
-        self.seen.add(key)
-        yield InputItem(path, self.names.claim(rel), error)
+        if len(self.seen) < _SEEN_LIMIT:
+            self.seen[key] = path
+        yield InputItem(path, rel, error, source)
 
-    def _is_excluded(self, real: str) -> bool:
-        return any(real == folder or real.startswith(prefix) for folder, prefix in self.excluded)
+    def _inside_excluded(self, real_dir: str) -> bool:
+        """Whether a folder (a real path) is an excluded folder or lies inside one, compared by identity."""
+        if not self.excluded:
+            return False
+        known = self._inside.get(real_dir)
+        if known is not None:
+            return known
+        try:
+            st = os.stat(real_dir)
+            inside = (st.st_dev, st.st_ino) in self.excluded
+        except OSError:
+            inside = False
+        parent = os.path.dirname(real_dir)
+        if not inside and parent != real_dir:
+            inside = self._inside_excluded(parent)
+        if len(self._inside) < 100_000:  # bounded: an endless stdin list must not grow memory
+            self._inside[real_dir] = inside
+        return inside
 
 
 def _list_dir(path: str) -> list[os.DirEntry[str]] | OSError:
@@ -280,49 +315,47 @@ def _has_image_extension(name: str) -> bool:
     return bool(dot and stem) and ext.lower() in IMAGE_EXTENSIONS
 
 
-def _sanitize_rel(path: str) -> str:
-    """A path as a safe relative POSIX name: no root, no ``.``, ``..`` becomes ``__``, NUL ``_``."""
-    path = path.replace("\0", "_")
-    if os.sep != "/":
-        path = path.replace(os.sep, "/")
-    if os.altsep and os.altsep != "/":
-        path = path.replace(os.altsep, "/")
-    parts = ["__" if part == ".." else part for part in path.split("/") if part not in ("", ".")]
-    return "/".join(parts) or "_"
+def output_rel(path: str) -> tuple[str, str]:
+    """Where an input's outputs go: ``(source, rel)``, the same however the path is written.
 
-
-class _RelNames:
-    """Hands out unique output names.
-
-    Two names clash when they are equal ignoring case (the output may live on a
-    case-insensitive filesystem), or when one would be a folder *inside* the other's output
-    folder (``tom.jpg`` and ``tom.jpg/a.png``). The later one gets ``~2``, ``~3``... on the
-    clashing component.
+    ``source`` is the path made absolute and normalised (``./``, ``//`` and ``a/..`` removed; symlinks are
+    not resolved), then written relative to the current folder when it lies inside it, else kept absolute.
+    ``rel`` is ``source`` without a leading ``/`` (tar's rule), with any component that is not a usable
+    folder name replaced: ``photos/./cat.jpg`` and ``./photos/cat.jpg`` both give ``photos/cat.jpg``;
+    ``../x.jpg`` run from ``/home/u/proj`` gives ``/home/u/x.jpg`` and ``home/u/x.jpg``.
     """
+    path = path.replace("\0", "_")
+    absolute = os.path.abspath(path)
+    cwd = os.getcwd()
+    inside = absolute.startswith(cwd.rstrip(os.sep) + os.sep)
+    source = os.path.relpath(absolute, cwd) if inside else absolute
+    if os.sep != "/":
+        source = source.replace(os.sep, "/")
+    parts = [_safe_component(part) for part in source.split("/") if part not in ("", ".")]
+    return source, "/".join(parts) or "_"
 
-    def __init__(self) -> None:
-        self._leaves: set[str] = set()
-        self._dirs: set[str] = set()
 
-    def claim(self, rel: str) -> str:
-        parts = rel.split("/")
-        done: list[str] = []
-        for index, part in enumerate(parts):
-            last = index == len(parts) - 1
-            candidate, counter = part, 1
-            while True:
-                key = "/".join([*done, candidate]).lower()
-                clash = key in self._leaves or (last and key in self._dirs)
-                if not clash:
-                    break
-                counter += 1
-                candidate = f"{part}~{counter}"
-            done.append(candidate)
-        for index in range(1, len(done)):
-            self._dirs.add("/".join(done[:index]).lower())
-        result = "/".join(done)
-        self._leaves.add(result.lower())
-        return result
+def _safe_component(part: str) -> str:
+    return "__" if part == ".." else part
+
+
+NAME_MAX = 255
+"""Bytes in one file or folder name that every common file system accepts."""
+
+
+def suffixed(rel: str, source: str) -> str:
+    """``rel`` with a suffix derived from ``source`` on its last component (``cat.jpg~1a2b3c4d``): where an
+    input goes when its plain folder belongs to another input. The same input always gets the same suffix;
+    the name is shortened (on a character boundary) to stay within :data:`NAME_MAX` bytes."""
+    import hashlib
+
+    tag = "~" + hashlib.sha256(os.fsencode(source)).hexdigest()[:8]
+    head, _, last = rel.rpartition("/")
+    raw = os.fsencode(last)
+    room = NAME_MAX - len(tag)
+    if len(raw) > room:
+        last = raw[:room].decode("utf-8", "ignore") or "_"
+    return f"{head}/{last}{tag}" if head else f"{last}{tag}"
 
 
 def _discovery_error(path: str, exc: OSError) -> InputError:

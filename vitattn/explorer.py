@@ -422,6 +422,7 @@ def _write_pages(
     import torch
 
     from vitattn.job import exc_line
+    from vitattn.store import open_locked
 
     if not preps:
         return []
@@ -438,9 +439,10 @@ def _write_pages(
         )
         results: list[tuple[int, Path | InputError]] = []
         for (i, p), page in zip(preps, pages, strict=True):
-            path = p.folder / EXPLORE
-            write_page(path, page)
-            results.append((i, path))
+            data = page.encode("utf-8")
+            with open_locked(run.job.render.out, p.rel, p.item.path) as folder:  # as the result files are
+                folder.write(EXPLORE, lambda f, data=data: f.write(data))  # type: ignore[misc]
+            results.append((i, p.folder / EXPLORE))
         return results
     except (VitattnError, MemoryError) as exc:
         if not isinstance(exc, InputError):

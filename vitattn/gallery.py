@@ -9,12 +9,13 @@ rows as inline data: it lays out rows as they scroll into view and loads thumbna
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from vitattn.outputs import META, read_meta
+from vitattn.store import META, peek
 
 if TYPE_CHECKING:
     from vitattn.job import Outcome
@@ -32,20 +33,23 @@ def _url(out: Path, path: Path) -> str:
     return "/".join(quote(part, safe="") for part in Path(rel).parts)
 
 
+_NOT_THUMBS = re.compile(r"_(head\d+|grid|mask)(_|\.)|\.npy$")
+
+
 def thumbnail_name(meta: dict[str, Any]) -> str | None:
-    """The fused map of the first chosen block among a result's files (else its first picture)."""
-    files = [f for f in meta.get("files", []) if isinstance(f, str) and f.lower().endswith(_PICTURES)]
+    """The fused map (or the method's map) of the latest run's first block, from the folder's result entries;
+    else the first such picture among its files."""
+    from vitattn.store import results_of
+
     blocks = meta.get("blocks") or []
-    fuse = meta.get("fuse", "mean")
-    method = meta.get("method", "raw")
-    if blocks:
-        prefix = f"block{blocks[0]}_"
-        for stem in (method, fuse) if method != "raw" else (fuse,):
-            for f in files:
-                if f.startswith(prefix + stem + ".") or (f.startswith(prefix) and f.rsplit(".", 1)[0].endswith(stem)):
-                    return f
-    plain = [f for f in files if "grid" not in f and "mask" not in f]
-    return (plain or files)[0] if plain or files else None
+    entries = [e for e in results_of(meta).values() if e.get("state") == "complete"]
+    first = [e for e in entries if blocks and e.get("block") == blocks[0]]
+    same = [e for e in first if e.get("method") == meta.get("method")] or first
+    names: list[Any] = [n for e in same for n in e.get("files", [])] or list(meta.get("files", []))
+    for name in names:
+        if isinstance(name, str) and name.lower().endswith(_PICTURES) and not _NOT_THUMBS.search(name):
+            return name
+    return None
 
 
 def gallery_rows(out: Path, outcomes: Iterable[Outcome] = ()) -> list[dict[str, Any]]:
@@ -63,7 +67,7 @@ def gallery_rows(out: Path, outcomes: Iterable[Outcome] = ()) -> list[dict[str, 
         if META not in names:
             continue
         here = Path(folder)
-        meta = read_meta(here)
+        meta, _ = peek(here)
         if meta is None or not isinstance(meta.get("input"), str):
             continue
         name = meta["input"]

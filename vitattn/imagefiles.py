@@ -6,7 +6,7 @@ import os
 import struct
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -27,13 +27,13 @@ _FORMAT_ALIASES = {"jpeg": "jpg"}
 
 
 
-def save_image(image: Image.Image, path: str | os.PathLike[str], *, format: str) -> None:
+def save_image(image: Image.Image, path: str | os.PathLike[str] | IO[bytes], *, format: str) -> None:
     """Write an image quickly in an explicit format, whatever the file name says.
 
     Args:
         image: The picture; converted to RGB for JPEG when it has another mode.
-        path: Where to write (e.g. a temporary name like ``x.png.tmp-123``; the extension is
-            not looked at).
+        path: Where to write: a file name (the extension is not looked at) or a binary file open for
+            writing.
         format: ``"png"`` (compress level 1), ``"jpg"`` (quality 90; ``"jpeg"`` also accepted)
             or ``"webp"`` (quality 85, method 1); case-insensitive.
 
@@ -48,12 +48,15 @@ def save_image(image: Image.Image, path: str | os.PathLike[str], *, format: str)
     pil_format, options = IMAGE_FORMATS[key]
     if pil_format == "PNG" and image.mode == "RGB":
         data = encode_png(np.asarray(image))
-        with open(path, "wb") as f:
-            f.write(data)
+        if isinstance(path, (str, os.PathLike)):
+            with open(path, "wb") as f:
+                f.write(data)
+        else:
+            path.write(data)
         return
     if pil_format == "JPEG" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    image.save(os.fspath(path), format=pil_format, **options)
+    image.save(os.fspath(path) if isinstance(path, (str, os.PathLike)) else path, format=pil_format, **options)
 
 
 def _deflate() -> Callable[[bytes], bytes]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,32 +22,23 @@ from vitattn.attention import BlockMaps, ImageAttention, Settings, capturing, fo
 from vitattn.capture import AttentionCapture
 from vitattn.decoding import load_image
 from vitattn.discovery import InputItem
-from vitattn.errors import CaptureError, InputError, Reason, VitattnError
+from vitattn.errors import CaptureError, InputError, Reason, VitattnError, display_path
 from vitattn.maps import mass_mask
 from vitattn.models import LoadedModel, describe
 from vitattn.options import DEFAULT_MAX_PIXELS, Method, RenderOptions, RunOptions
-from vitattn.outputs import (
-    META,
-    abandon_result,
-    atomic_write,
-    raise_if_fatal,
-    read_meta,
-    remove_files,
-    resume_state,
-    start_result,
-    write_json,
-    write_npy,
-)
 from vitattn.preprocess import Box, crop_box, peak_pixels, photo_tensor, tensor_transform
 from vitattn.records import (
     BlockFiles,
-    all_names,
     base_record,
-    meta_record,
+    folder_meta,
+    identity_record,
+    model_tag,
+    picture_record,
     record_rest,
+    result_entry,
     result_files,
-    settings_record,
 )
+from vitattn.store import META, ResultFolder, entry_complete, open_locked, peek, raise_if_fatal, results_of
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +63,7 @@ class Prepared:
 
     item: InputItem
     folder: Path
+    rel: str  # the folder below the output folder (the input's rel, or its suffixed form)
     photo: Image.Image  # upright RGB, already shrunk to the overlay size
     box: Box  # crop box in ``photo`` pixels
     tensor: torch.Tensor  # (3, H, W)
@@ -78,6 +71,25 @@ class Prepared:
     box_full: Box  # crop box in full-resolution photo pixels
     input_stat: dict[str, int]
     warnings: list[str]
+    started: float = 0.0  # time.perf_counter() when preparing began
+
+
+@dataclass
+class Plan:
+    """What a folder holds for this job's results, and what is left to do (see :meth:`HeatmapJob.plan`).
+
+    Attributes:
+        files: the result files per chosen block, named for this folder.
+        todo: the blocks' results to write: missing, incomplete, drawn with other picture settings, or redone.
+        entries: the folder's result entries (by key), as read.
+        conflict: a result of the same name was made from another version of the input (or computed
+            differently): not replaced without ``overwrite``.
+    """
+
+    files: list[BlockFiles]
+    todo: list[BlockFiles]
+    entries: dict[str, dict[str, Any]]
+    conflict: bool = False
 
 
 class HeatmapJob:
@@ -94,8 +106,14 @@ class HeatmapJob:
         self.run_options = run or RunOptions()
         self.lut = colormap_lut(render.cmap)  # fails early on a bad name
         self.fuse = render.fuse or settings.fuse
-        self.files = result_files(settings, render, self.fuse)
-        self.settings_record = settings_record(loaded, settings, render)
+        from vitattn.maps import check_query
+
+        self.default_query = check_query(None, loaded.layout, loaded.grid)
+        self.model_key = {"model": loaded.spec, "weights": loaded.weights}
+        self.model_tag = model_tag(loaded.spec, loaded.weights)
+        self.identity = {b: identity_record(loaded, settings, b) for b in settings.blocks}
+        self.picture = picture_record(settings, render, self.fuse)
+        self.files = self.files_in("")
         self.transform = loaded.transform
         self.tensor_transform = tensor_transform(loaded.transform)  # None: run the transform on PIL pictures
         self.model_info = describe(loaded)
@@ -107,26 +125,95 @@ class HeatmapJob:
         self.draft_size: tuple[int, int] | None = (need, need) if render.max_side > 0 else None
 
     # -- step 1: one input -> prepared, or its outcome -------------------------------------------
+    def files_in(self, model_dir: str) -> list[BlockFiles]:
+        """This job's result files, named for a folder where its model's sub-folder is ``model_dir``."""
+        return result_files(
+            self.settings,
+            self.render,
+            self.fuse,
+            default_query=self.default_query,
+            all_heads=self.loaded.num_heads,
+            model_dir=model_dir,
+        )
+
+    def model_dir(self, meta: dict[str, Any] | None) -> str:
+        """Where this model's results go in a folder: ``""`` when it is the folder's first model, else a
+        sub-folder named after the model (with a suffix when another model has that name there)."""
+        primary = (meta or {}).get("primary_model")
+        if not primary or primary == self.model_key:
+            return ""
+        tag = self.model_tag
+        for entry in results_of(meta).values():
+            settings = entry.get("settings") or {}
+            other = {"model": settings.get("model"), "weights": settings.get("weights")}
+            if other != self.model_key and any(str(n).startswith(tag + "/") for n in entry.get("files", [])):
+                import hashlib
+
+                digest = hashlib.sha256(f"{self.loaded.spec}\0{self.loaded.weights}".encode()).hexdigest()[:8]
+                return f"{tag}~{digest}"
+        return tag
+
+    def plan(self, meta: dict[str, Any] | None, size: Callable[[str], int | None], input_stat: dict[str, int]) -> Plan:
+        """Compare a folder's results with this job's: which blocks are done, which need writing."""
+        entries = results_of(meta)
+        files = self.files_in(self.model_dir(meta))
+        todo, conflict = [], False
+        for f in files:
+            entry = entries.get(f.key)
+            if entry is None or entry.get("state") != "complete":
+                todo.append(f)
+                continue
+            settings = entry.get("settings") or {}
+            same_identity = all(settings.get(k) == v for k, v in self.identity[f.block].items())
+            if entry.get("input_stat") != input_stat or not same_identity:
+                conflict = conflict or not self.run_options.overwrite
+                todo.append(f)
+            elif (
+                self.run_options.overwrite
+                or any(settings.get(k) != v for k, v in self.picture.items())
+                or not entry_complete(entry, size)
+            ):
+                todo.append(f)
+        return Plan(files, todo, entries, conflict)
+
+    def folder_for(self, item: InputItem, meta: dict[str, Any] | None) -> str | None:
+        """Where ``item`` goes when its plain folder holds ``meta``: None for the plain folder, or the suffixed
+        name when that folder belongs to another input (a name equal but for case, or an absolute and a
+        relative path spelling one name)."""
+        from vitattn.discovery import suffixed
+
+        owner = (meta or {}).get("input_path")
+        if meta is None or owner in (None, recorded_path(item.source)):
+            return None
+        return suffixed(item.rel, item.source)
+
+    # -- step 1: one input -> prepared, or its outcome -------------------------------------------
     def prepare(self, item: InputItem) -> Prepared | Outcome:
         """Resume check, decode and preprocess one input (thread-safe)."""
+        started = time.perf_counter()
         base = base_record(item, self.loaded, self.settings)
         if item.error is not None:
             return self._error(item, item.error, base)
-        folder = self.render.out / item.rel
+        if item.duplicate_of is not None:
+            note = f"the same file as {display_path(item.duplicate_of)}: processed once"
+            record = {**base, "status": "skipped", "duplicate_of": display_path(item.duplicate_of)}
+            return Outcome(item, "skipped", record, warnings=[note])
+        rel = item.rel
         try:
+            meta, sizes = peek(self.render.out / rel)
+            other = self.folder_for(item, meta)
+            if other is not None:
+                rel = other
+                meta, sizes = peek(self.render.out / rel)
+            folder = self.render.out / rel
             st = os.stat(item.path)
             input_stat = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-            state = resume_state(
-                folder,
-                self.settings_record,
-                overwrite=self.run_options.overwrite,
-                path=item.path,
-                input_stat=input_stat,
-                files=all_names(self.files),
-            )
-            if state == "skip":
-                meta = read_meta(folder) or {}
-                record = {**base, "status": "skipped", **record_rest(folder, self.files, self.settings.method, meta)}
+            plan = self.plan(meta, sizes, input_stat)
+            if plan.conflict:
+                raise InputError(item.path, Reason.OUTPUTS_EXIST, None)
+            if not plan.todo:
+                entries = [plan.entries[f.key] for f in plan.files]
+                record = {**base, "status": "skipped", **record_rest(folder, plan.files, self.settings.method, entries)}
                 return Outcome(item, "skipped", record, folder)
             loaded_img = load_image(
                 item.path,
@@ -160,6 +247,7 @@ class HeatmapJob:
         return Prepared(
             item=item,
             folder=folder,
+            rel=rel,
             photo=photo,
             box=box,
             tensor=tensor,
@@ -167,6 +255,7 @@ class HeatmapJob:
             box_full=box_full,
             input_stat=input_stat,
             warnings=loaded_img.warnings,
+            started=started,
         )
 
     def _check_preprocessing_size(self, path: str, size: tuple[int, int]) -> None:
@@ -207,50 +296,139 @@ class HeatmapJob:
 
     # -- step 3: one input's result -> files -----------------------------------------------------
     def write(self, prep: Prepared, att: ImageAttention) -> Outcome:
-        """Render and write one input's files atomically, meta.json last (thread-safe)."""
-        folder = prep.folder
-        base = base_record(prep.item, self.loaded, self.settings)
+        """Render and write one input's results into its folder, under the folder's lock (thread-safe).
+
+        The folder is read again once locked (another writer may have finished these results meanwhile),
+        the results to write are recorded in meta.json as ``writing`` with the files they replace, the files
+        are written, then meta.json records them complete and files no result lists any more are removed.
+        """
+        item = prep.item
+        base = base_record(item, self.loaded, self.settings)
         bad = non_finite(att)
         if bad:  # strict JSON has no NaN, and a NaN map draws as nothing: the input fails, by name
-            return self._error(prep.item, InputError(prep.item.path, Reason.NON_FINITE, bad), base)
-        written: list[str] = []
-        old: list[str] = []
+            return self._error(item, InputError(item.path, Reason.NON_FINITE, bad), base)
+        rel = prep.rel
         try:
-            old = start_result(folder)
-            for files in self.files:
-                self._write_block(prep, att, att.blocks[files.block], files, written)
-            meta = meta_record(
-                base=base,
-                settings=self.settings,
-                settings_rec=self.settings_record,
-                model_info=self.model_info,
-                fuse=self.fuse,
-                att=att,
-                input_stat=prep.input_stat,
-                image_size=prep.image_size,
-                crop_box=prep.box_full,
-                files=[*written, META],
-                warnings=prep.warnings,
-                threshold=self.render.threshold,
+            for _ in range(2):
+                with open_locked(self.render.out, rel, item.path) as rf:
+                    meta = rf.read_meta()
+                    other = self.folder_for(item, meta) if rel == item.rel else None
+                    if other is not None:  # the folder was taken by another input meanwhile
+                        rel = other
+                        continue
+                    return self._write_locked(rf, meta, prep, att, base)
+            raise InputError(item.path, Reason.WRITE, f"{display_path(self.render.out / rel)} belongs to another input")
+        except InputError as err:
+            return self._error(item, err, base)
+        except OSError as exc:
+            raise_if_fatal(exc, self.render.out / rel)
+            return self._error(item, _caused(InputError(item.path, Reason.WRITE, exc.strerror or str(exc)), exc), base)
+
+    def _write_locked(
+        self, rf: ResultFolder, meta: dict[str, Any] | None, prep: Prepared, att: ImageAttention, base: dict[str, Any]
+    ) -> Outcome:
+        item = prep.item
+        plan = self.plan(meta, rf.size, prep.input_stat)
+        if plan.conflict:
+            raise InputError(item.path, Reason.OUTPUTS_EXIST, None)
+        results = dict(plan.entries)
+        if not plan.todo:  # another writer made them while this one computed
+            entries = [results[f.key] for f in plan.files]
+            record = {**base, "status": "skipped", **record_rest(rf.path, plan.files, self.settings.method, entries)}
+            return Outcome(item, "skipped", record, rf.path)
+        primary = (meta or {}).get("primary_model") or self.model_key
+        latest = list((meta or {}).get("latest") or [])
+        todo = {f.key for f in plan.todo}
+        # results whose writer died (state "writing") and that this run does not redo: drop them
+        dead = [k for k, e in results.items() if e.get("state") != "complete" and k not in todo]
+        leftovers = {n for k in dead for n in _names(results.pop(k))}
+        if meta is not None and meta.get("format") is None:  # a result of vitattn 0.1 (one per folder): replaced whole
+            leftovers |= {n for n in meta.get("files", []) if isinstance(n, str) and n != META}
+        replaced = {f.key: _names(results[f.key]) if f.key in results else set() for f in plan.todo}
+        for f in plan.todo:
+            results[f.key] = {"state": "writing", "files": f.names(), "old_files": sorted(replaced[f.key])}
+
+        def save(keys: list[str]) -> None:
+            meta = folder_meta(
+                input_path=base["input"],
+                source=recorded_path(item.source),
+                primary_model=primary,
+                results=results,
+                latest=keys,
             )
-            write_json(folder / META, meta)
+            rf.write_meta(meta)
+
+        subdirs = {f.key.rpartition("/")[0] for f in plan.files}
+        rf.remove_stale_temps(subdirs)
+        written: list[str] = []
+        try:
+            save(latest)  # the durable record: these results are being written, and what they replace
+            for f in plan.todo:
+                old = plan.entries.get(f.key)
+                keep_npy = bool(
+                    f.npy
+                    and old is not None
+                    and old.get("state") == "complete"
+                    and f.npy in old.get("files", [])
+                    and old.get("input_stat") == prep.input_stat
+                    and all((old.get("settings") or {}).get(k) == v for k, v in self.identity[f.block].items())
+                    and rf.size(f.npy) == (old.get("sizes") or {}).get(f.npy)
+                    and not self.run_options.overwrite
+                )
+                sizes = self._write_block(rf, prep, att, att.blocks[f.block], f, written, keep_npy=keep_npy)
+                entry = result_entry(
+                    identity=self.identity[f.block],
+                    picture=self.picture,
+                    model_info=self.model_info,
+                    att=att,
+                    block=f.block,
+                    fuse=self.fuse,
+                    input_stat=prep.input_stat,
+                    image_size=prep.image_size,
+                    crop_box=prep.box_full,
+                    files=f.names(),
+                    warnings=prep.warnings,
+                    seconds=time.perf_counter() - prep.started,
+                )
+                entry["sizes"] = sizes
+                results[f.key] = entry
+            save([f.key for f in plan.files])
         except BaseException as exc:
-            abandon_result(folder, [*written, *old])  # a failed input leaves nothing half-done behind
+            # a failed input leaves nothing half-done: its files go, its entries go, the others stay
+            for f in plan.todo:
+                results.pop(f.key, None)
+            keep = {n for e in results.values() for n in _names(e)}
+            rf.remove((set(written) | leftovers | {n for f in plan.todo for n in replaced[f.key]}) - keep)
+            with contextlib.suppress(Exception):
+                if results:
+                    save([k for k in latest if k in results])
+                else:  # nothing else was there: no meta.json either
+                    rf.remove([META])
             if isinstance(exc, OSError):
-                raise_if_fatal(exc, folder)
+                raise_if_fatal(exc, rf.path)
             if isinstance(exc, (VitattnError, MemoryError)) or not isinstance(exc, Exception):
                 raise
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc_line(exc)
-            return self._error(prep.item, _caused(InputError(prep.item.path, Reason.WRITE, detail), exc), base)
-        if old:
-            remove_files(folder, set(old) - set(written) - {META})
-        record = {**base, **record_rest(folder, self.files, self.settings.method, meta)}
-        return Outcome(prep.item, "ok", record, folder, warnings=prep.warnings)
+            raise _caused(InputError(item.path, Reason.WRITE, detail), exc) from exc
+        keep = {n for e in results.values() for n in _names(e)}
+        rf.remove((leftovers | {n for f in plan.todo for n in replaced[f.key]}) - keep)
+        entries = [results[f.key] for f in plan.files]
+        record = {**base, **record_rest(rf.path, plan.files, self.settings.method, entries)}
+        return Outcome(item, "ok", record, rf.path, warnings=prep.warnings)
 
     def _write_block(
-        self, prep: Prepared, att: ImageAttention, bm: BlockMaps, files: BlockFiles, written: list[str]
-    ) -> None:
-        """Draw and write one block's files, adding each name to ``written`` as soon as it is in place.
+        self,
+        rf: ResultFolder,
+        prep: Prepared,
+        att: ImageAttention,
+        bm: BlockMaps,
+        files: BlockFiles,
+        written: list[str],
+        *,
+        keep_npy: bool = False,
+    ) -> dict[str, int]:
+        """Draw and write one block's files, adding each name to ``written`` as soon as it is in place;
+        returns their sizes. ``keep_npy``: the array file in place holds these very numbers (a re-render).
 
         raw: one overlay per head and the fused map. rollout / grad-rollout: the method's map instead;
         the grid picture shows the method's map next to the block's raw heads and fused map.
@@ -262,7 +440,15 @@ class HeatmapJob:
         from vitattn.overlays import mask_overlay, overlay_many
 
         r = self.render
-        ext, folder, b = r.format.value, prep.folder, bm.block
+        ext, b = r.format.value, bm.block
+        sizes: dict[str, int] = {}
+
+        def save(name: str, picture: Image.Image) -> None:
+            from vitattn.imagefiles import save_image
+
+            sizes[name] = rf.write(name, lambda f: save_image(picture, f, format=ext))
+            written.append(name)
+
         box, side = prep.box, r.max_side
         fused = bm.fused(self.fuse)  # (gh, gw)
         raw = np.concatenate([bm.heads, fused[None]], axis=0)  # (H' + 1, gh, gw)
@@ -282,8 +468,7 @@ class HeatmapJob:
             prep.photo, scaled[: len(names)], crop_box=box, lut=self.lut, alpha=r.alpha, max_side=side
         )
         for name, picture in zip(names, pictures, strict=True):
-            save_picture(picture, folder / name, ext)
-            written.append(name)
+            save(name, picture)
         if files.masks:
             assert r.threshold is not None  # masks are listed only with a threshold
             top_color = self.lut[-1]  # the colormap's brightest colour outlines the masks
@@ -291,8 +476,7 @@ class HeatmapJob:
             for name, heat in zip(files.masks, maps, strict=True):
                 mask = mass_mask(heat, r.threshold)  # (gh, gw) bool
                 picture = mask_overlay(prep.photo, mask, crop_box=box, color=color, max_side=side)
-                save_picture(picture, folder / name, ext)
-                written.append(name)
+                save(name, picture)
         title = grid_title(self.loaded.spec, self.loaded.weights, b, att)
         # Grid tiles: the written overlays halved (or quartered...) by pixel averaging when max_side is a
         # multiple of the tile size (the default: 512 = 2 x 256), cheaper than drawing them again; otherwise,
@@ -308,12 +492,16 @@ class HeatmapJob:
         blank = np.zeros((1, *fused.shape), np.float32)  # alpha 0: just the dimmed photo
         plain = overlay_many(tile_photo, blank, crop_box=tile_box, lut=self.lut, alpha=0.0, max_side=tile)
         tiles = [("photo", plain[0]), *zip(labels, small, strict=True)]
-        save_picture(labelled_grid(tiles, title=title), folder / files.grid, ext)
-        written.append(files.grid)
-        if files.npy:
-            array = bm.heads if method is Method.raw else maps[0]  # (H', gh, gw) or (gh, gw)
-            write_npy(folder / files.npy, array.astype(np.float32))
+        save(files.grid, labelled_grid(tiles, title=title))
+        if files.npy and keep_npy:
+            size = rf.size(files.npy)
+            assert size is not None  # checked by the caller
+            sizes[files.npy] = size
+        elif files.npy:
+            array = (bm.heads if method is Method.raw else maps[0]).astype(np.float32)  # (H', gh, gw) or (gh, gw)
+            sizes[files.npy] = rf.write(files.npy, lambda f: np.save(f, array))
             written.append(files.npy)
+        return sizes
 
     # -- the three steps over one batch ------------------------------------------------------------
     def run_batch(self, items: Sequence[InputItem], cap: AttentionCapture | None = None) -> list[Outcome]:
@@ -403,10 +591,19 @@ def shrink(photo: Image.Image, box: Box, max_side: int, pixels: torch.Tensor | N
     return small, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
-def save_picture(image: Image.Image, path: Path, ext: str) -> None:
-    from vitattn.imagefiles import save_image
+def recorded_path(path: str) -> str:
+    """A path as meta.json records it (valid UTF-8: undecodable bytes become ``\\xNN`` escapes)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return display_path(path)
+    return path
 
-    atomic_write(path, lambda tmp: save_image(image, tmp, format=ext))
+
+def _names(entry: dict[str, Any]) -> set[str]:
+    """Every file a result entry may have left in its folder: its files, and those it was replacing."""
+    names = [*entry.get("files", []), *entry.get("old_files", [])]
+    return {n for n in names if isinstance(n, str)}
 
 
 def _caused(err: InputError, exc: BaseException) -> InputError:

@@ -320,3 +320,38 @@ class InputOptions:
         object.__setattr__(self, "paths", tuple(os.fspath(p) for p in paths))
         if not self.paths:
             raise UsageError("no inputs", option="inputs")
+
+
+DEFAULT_STATS_OUT = Path("vitattn-stats")
+"""The report folder of ``vitattn stats`` when none is named."""
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    """Where a dataset-statistics report goes and how it is kept.
+
+    Attributes:
+        out: the report folder (``heads.csv``, ``stats.json``, plots, ``partial/``).
+        classes: the most frequent top-1 classes given a mean map of their own (and the overall map).
+        checkpoint_seconds: how often the running sums are saved to ``partial/`` during a run (and always at
+            its end or interruption), in seconds.
+        overwrite: start afresh, discarding the statistics in ``out``; otherwise a rerun adds only the
+            inputs that are not counted yet.
+        plots: draw the plots.
+    """
+
+    out: Path = DEFAULT_STATS_OUT
+    classes: int = 20
+    checkpoint_seconds: float = 60.0
+    overwrite: bool = False
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.classes < 0:
+            raise UsageError(f"classes {self.classes}: 0 or more", option="classes")
+        if not (math.isfinite(self.checkpoint_seconds) and self.checkpoint_seconds > 0):
+            raise UsageError(
+                f"checkpoint interval {self.checkpoint_seconds}: a positive number of seconds",
+                option="checkpoint_seconds",
+            )

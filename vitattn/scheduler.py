@@ -9,11 +9,13 @@ discovered input; a failure of one input never stops the others (unless ``fail_f
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 from vitattn.attention import ImageAttention
 from vitattn.capture import AttentionCapture
@@ -21,7 +23,8 @@ from vitattn.discovery import InputItem
 from vitattn.job import HeatmapJob, Outcome, Prepared
 from vitattn.options import RunOptions
 
-T = TypeVar("T")
+IDLE_FLUSH_S = 0.05
+"""A partial batch goes to the model when no input arrived for this long (a slow producer on stdin)."""
 
 
 @dataclass
@@ -57,9 +60,30 @@ class Scheduler:
             ThreadPoolExecutor(opts.render_workers, thread_name_prefix="vitattn-write") as writers,
             self.job.capture() as cap,
         ):
+            feed = _Feeder(loaders, self.job, items, window)
             try:
                 batch: list[tuple[Prepared, _Slot]] = []
-                for p in _ordered_map(loaders, self.job.prepare, items, window):
+                while True:
+                    # wait for the next input; with a partial batch, only briefly: a slow producer (stdin)
+                    # gets its results per line, and a stream of non-batch inputs (duplicates, errors, skips)
+                    # does not hold back the batch in front of it
+                    # (with results being written, wake up as well, to hand them over as they finish)
+                    if batch and len(pending) > window:
+                        got = _IDLE
+                    else:
+                        got = feed.next(IDLE_FLUSH_S if batch or pending else None)
+                    if got is _IDLE:
+                        if batch:
+                            self._submit(cap, batch, writers)
+                            batch = []
+                        yield from self._drain(pending, limit=window)
+                        if self._stop:
+                            return
+                        continue
+                    if got is _END:
+                        break
+                    assert isinstance(got, Future)
+                    p = got.result()
                     if isinstance(p, Outcome):
                         pending.append(_Slot(p))
                         if opts.fail_fast and p.status == "error":
@@ -83,6 +107,7 @@ class Scheduler:
                     self._submit(cap, batch, writers)
                 yield from self._drain(pending, limit=0)
             finally:
+                feed.close()
                 for slot in pending:
                     if isinstance(slot.value, Future):
                         slot.value.cancel()
@@ -125,14 +150,73 @@ class Scheduler:
                 return
 
 
-def _ordered_map(
-    pool: ThreadPoolExecutor, fn: Callable[[InputItem], T], items: Iterable[InputItem], window: int
-) -> Iterator[T]:
-    """Like ``pool.map`` but lazy over ``items`` with at most ``window`` tasks in flight."""
-    inflight: deque[Future[T]] = deque()
-    for item in items:
-        inflight.append(pool.submit(fn, item))
-        if len(inflight) >= window:
-            yield inflight.popleft().result()
-    while inflight:
-        yield inflight.popleft().result()
+_IDLE = object()
+_END = object()
+
+
+class _Feeder:
+    """Reads the inputs in a thread of its own and hands their prepare tasks over in input order.
+
+    Reading the inputs may block (a pipe on stdin); in its own thread it does not keep the batches that are
+    ready from the model. At most ``window`` tasks wait, so memory stays bounded for an endless stream.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, job: HeatmapJob, items: Iterable[InputItem], window: int) -> None:
+        self._tasks: queue.Queue[object] = queue.Queue(maxsize=window)
+        self._closed = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(pool, job, items), name="vitattn-inputs", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, pool: ThreadPoolExecutor, job: HeatmapJob, items: Iterable[InputItem]) -> None:
+        try:
+            for item in items:
+                task = pool.submit(job.prepare, item)
+                while not self._closed.is_set():
+                    try:
+                        self._tasks.put(task, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._closed.is_set():
+                    return
+        except RuntimeError:  # the pool shut down: the run is over
+            return
+        except BaseException as exc:  # a bug in discovery: raised in the caller's thread
+            self._error = exc
+        self._put_end()
+
+    def _put_end(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._tasks.put(_END, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self, timeout: float | None) -> object:
+        """The next prepare task, ``_END`` after the last, or ``_IDLE`` when none came within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                got = self._tasks.get(timeout=wait) if wait > 0 else self._tasks.get_nowait()
+            except queue.Empty:
+                if deadline is not None:
+                    return _IDLE
+                continue
+            if got is _END and self._error is not None:
+                raise self._error
+            return got
+
+    def close(self) -> None:
+        self._closed.set()
+        while True:  # unblock the reader and drop the tasks not taken (their results are not wanted)
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(task, Future):
+                task.cancel()

@@ -7,6 +7,7 @@ Usage: ``python -m vitattn.demo.run [OUT]`` (default ``vitattn-out/demo``). In a
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,16 +33,19 @@ def demo_pictures(out: Path) -> Path:
 
 
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "vitattn-out/demo")
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "vitattn-out/demo").absolute()
     reason = pretrained_unavailable(DEFAULT_MODEL)
     if reason is None and PHOTOS.is_dir():
-        args = ["heatmap", str(PHOTOS), "-o", str(out / "photos")]
+        pictures, args = PHOTOS, ["-o", str(out)]  # out/photos/<name>/
     else:
         why = f"the weights of {DEFAULT_MODEL} cannot be fetched ({reason})" if reason else "no sample photos here"
         sys.stderr.write(f"vitattn demo: {why}; running the bundled shapes model on the demo pictures instead\n")
         pictures = demo_pictures(out)
-        args = ["heatmap", str(pictures), "-m", f"local-dir:{DEMO_MODEL_DIR}", "-o", str(out / "synthetic"), "--npy"]
-    sys.argv = ["vitattn", *args]
+        # out/synthetic/<name>/ in a checkout; generated pictures (out/pictures/) give out/synthetic/pictures/<name>/
+        target = out if pictures == PICTURES else out / "synthetic"
+        args = ["-m", f"local-dir:{DEMO_MODEL_DIR}", "-o", str(target), "--npy"]
+    os.chdir(pictures.parent)  # results are named by the inputs' paths relative to the current folder
+    sys.argv = ["vitattn", "heatmap", pictures.name, *args]
     cli_main()
 
 
