@@ -37,8 +37,15 @@ def demo_picture(path: Path, seed: int) -> Path:
     return path
 
 
-def records(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+def records(proc: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def invoke(args: list[str]) -> Any:
+    """The CLI in this process (no interpreter start: torch is imported once); ``returncode`` as a process's."""
+    result = CliRunner().invoke(app, args)
+    result.returncode = result.exit_code
+    return result
 
 
 def test_explore_prints_the_page_and_its_record(tmp_path: Path) -> None:
@@ -49,7 +56,7 @@ def test_explore_prints_the_page_and_its_record(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].endswith("explore.html") and Path(lines[0]).is_file()
     page = Path(lines[0]).read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page  # nothing to fetch
-    proc = run(["explore", str(a), "-m", "demo", "-o", str(tmp_path / "out2"), "--json", "--explore-budget", "0.3"])
+    proc = invoke(["explore", str(a), "-m", "demo", "-o", str(tmp_path / "out2"), "--json", "--explore-budget", "0.3"])
     assert proc.returncode == 0, proc.stderr
     (rec,) = records(proc)
     path = Path(rec["files"]["explore"])
@@ -123,7 +130,7 @@ def test_gallery_lists_every_input_once_and_a_resumed_run_completes_it(browser: 
     (photos / "bad.jpg").write_bytes(b"not a picture at all")
     out = tmp_path / "maps"
     args = ["heatmap", str(photos), "-r", "-m", "demo", "-o", str(out), "--html", "--json"]
-    first = run(args)
+    first = invoke(args)
     assert first.returncode == 1, first.stderr  # one input failed
     recs = {Path(r["input"]).name: r for r in records(first)}
     assert recs["a.png"]["status"] == "ok" and Path(recs["a.png"]["files"]["explore"]).is_file()
@@ -131,7 +138,7 @@ def test_gallery_lists_every_input_once_and_a_resumed_run_completes_it(browser: 
 
     # the run is resumed with one more picture: the first result is skipped, and the gallery lists all three
     demo_picture(photos / "sub dir" / "b #1.png", 2)  # characters that need quoting in a URL
-    second = run(args)
+    second = invoke(args)
     assert second.returncode == 1, second.stderr
     statuses = {Path(r["input"]).name: r["status"] for r in records(second)}
     assert statuses == {"a.png": "skipped", "b #1.png": "ok", "bad.jpg": "error"}
