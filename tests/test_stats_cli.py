@@ -219,11 +219,27 @@ def test_statistics_equal_heatmap_npy_arrays_and_unfused_attention(photos: list[
     got = values(report)
     n = len(names)
     # the second path: heatmap's arrays of the class token's row, and of the mean patch query's row
-    code, cls_out, err = invoke(["heatmap", *names, "-o", str(tmp_path / "cls"), *MODEL, "--npy", "-b", "all",
-                                 "--json", "--top-k", "0"])
+    code, cls_out, err = invoke(
+        ["heatmap", *names, "-o", str(tmp_path / "cls"), *MODEL, "--npy", "-b", "all", "--json", "--top-k", "0"]
+    )
     assert code == 0, err
-    code, pm_out, err = invoke(["heatmap", *names, "-o", str(tmp_path / "pm"), *MODEL, "--npy", "-b", "all",
-                                "--json", "--top-k", "0", "--query", "patch-mean"])
+    code, pm_out, err = invoke(
+        [
+            "heatmap",
+            *names,
+            "-o",
+            str(tmp_path / "pm"),
+            *MODEL,
+            "--npy",
+            "-b",
+            "all",
+            "--json",
+            "--top-k",
+            "0",
+            "--query",
+            "patch-mean",
+        ]
+    )
     assert code == 0, err
     cls_rows, pm_rows = _npy_arrays(cls_out), _npy_arrays(pm_out)
     assert len(cls_rows) == len(pm_rows) == n
@@ -351,3 +367,21 @@ def test_the_same_file_twice_is_counted_once(photos: list[Path], tmp_path: Path)
         ("skipped", str(photos[0])),
     ]
     assert lines[-1]["images"] == 2 and stats_of(out)["images"] == 2
+
+
+def test_families_beyond_plain_vit_read_their_self_attention_blocks_or_are_refused(
+    photos: list[Path], tmp_path: Path
+) -> None:
+    # test_vit3: 9 self-attention blocks, then an attention-pool head (its own query, over another token set)
+    out = tmp_path / "pool"
+    code, _, stderr = invoke(
+        ["stats", str(photos[0]), "-o", str(out), "-m", "test_vit3", "--no-pretrained", "--no-plots"]
+    )
+    assert code == 0, stderr
+    report = stats_of(out)
+    assert [b["block"] for b in report["blocks"]] == list(range(9))  # the pool head is not a self-attention block
+    assert report["settings"]["query"] == "patch-mean"  # no class token: the mean patch query
+    code, _, stderr = invoke(
+        ["stats", str(photos[0]), "-o", str(tmp_path / "p2"), "-m", "test_vit3", "--no-pretrained", "-b", "9"]
+    )
+    assert code == 2 and "block 9 is a pool-attention block" in stderr, stderr

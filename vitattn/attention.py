@@ -14,7 +14,16 @@ from vitattn.capture import AttentionCapture
 from vitattn.errors import CaptureError, UsageError
 from vitattn.maps import check_query, patch_grid, query_rows
 from vitattn.methods import METHODS, GradRolloutReducer, MethodReducer
-from vitattn.options import AttentionOptions, HeadFusion, Method, Precision, Query, RenderOptions, parse_choice
+from vitattn.options import (
+    AttentionOptions,
+    HeadFusion,
+    Method,
+    Precision,
+    Query,
+    QueryKind,
+    RenderOptions,
+    parse_choice,
+)
 from vitattn.preprocess import Box
 
 if TYPE_CHECKING:
@@ -41,13 +50,14 @@ class Settings:
         query: whose attention (the model's natural query when none was asked for).
         heads: head indices kept.
         top_k: predictions to report (0: none, and the forward pass may stop after the last block).
-        grid: (rows, cols) of the patch grid at the model's input size.
+        grid: (rows, cols) of the chosen blocks' patch grid at the model's input size (a stage's, for Swin).
         precision: forward-pass precision.
         method: ``raw``, ``rollout`` or ``grad-rollout``.
         fuse: how heads are combined: the fused raw map, and each block's heads in ``rollout``.
         discard_ratio: ``rollout`` only: the fraction of each row's lowest entries dropped, in [0, 1).
         target_class: ``grad-rollout`` only: the class explained; None for each image's top-1 class.
         depth: the model's number of blocks (to read negative block indices).
+        candidates: the blocks that offer the query (negative indices count from their end).
     """
 
     blocks: tuple[int, ...]
@@ -61,14 +71,43 @@ class Settings:
     discard_ratio: float = 0.0
     target_class: int | None = None
     depth: int = 0
+    candidates: tuple[int, ...] = ()
 
 
 def resolve_settings(loaded: LoadedModel, options: AttentionOptions | None = None) -> Settings:
-    """Check the options against the model (UsageError naming the valid range otherwise)."""
+    """Check the options against the model (UsageError naming the valid range otherwise).
+
+    The query defaults to the family's natural one (:attr:`LoadedModel.default_query`). Blocks are the
+    model's attention sites; where only some of them offer the query (class-attention blocks, an
+    attention-pool head), negative indices count from the end of those.
+    """
     o = options or AttentionOptions()
-    blocks = range(loaded.depth) if o.blocks is None else o.blocks
-    resolved = tuple(sorted({loaded.resolve_block(b) for b in blocks}))
-    grid = loaded.grid
+    query = o.query if o.query is not None else loaded.default_query
+    sites = loaded.sites
+    offering = tuple(i for i, site in enumerate(sites) if site.layout.offers(query))
+    if not offering:
+        names = sorted({n for site in sites for n in site.layout.query_names()})
+        what = "token" if query.kind in (QueryKind.cls, QueryKind.dist) else "query"
+        have = ", ".join(loaded.layout.roles) or "none"
+        raise UsageError(
+            f"this model has no {query.kind.value} {what} (its prefix tokens: {have}; its queries: {', '.join(names)})",
+            option="query",
+        )
+    if o.blocks is None:
+        resolved = offering
+    else:
+        resolved = tuple(sorted({_resolve_block(loaded, b, query, offering) for b in o.blocks}))
+    grids = {b: sites[b].layout.grid_for(loaded.input_size) for b in resolved}  # a stage's, for hierarchies
+    if len(set(grids.values())) > 1:
+        shown = ", ".join(f"{gh}×{gw}" for gh, gw in sorted(set(grids.values()), reverse=True))
+        raise UsageError(
+            f"blocks {_spans(resolved)} lie on different grids ({shown}): choose blocks of one stage", option="blocks"
+        )
+    grid = grids[resolved[0]]
+    for b in resolved:  # a patch query is in the blocks' own grid
+        check_query(query, sites[b].layout, grid)
+    if o.method is not Method.raw:
+        _check_method(loaded, o.method, resolved)
     k = loaded.default_top_k() if o.top_k is None else o.top_k
     if o.method is Method.grad_rollout and loaded.num_classes <= 0:
         raise UsageError("grad-rollout explains a class score, and this model has no classifier head", option="method")
@@ -78,10 +117,11 @@ def resolve_settings(loaded: LoadedModel, options: AttentionOptions | None = Non
             f"target class {o.target_class} is out of range: this model has {n} classes (0..{n - 1})",
             option="target_class",
         )
+    heads = _resolve_heads(loaded, o.heads, resolved)
     return Settings(
         blocks=resolved,
-        query=check_query(o.query, loaded.layout, grid),
-        heads=tuple(loaded.resolve_heads(list(o.heads) if o.heads is not None else None)),
+        query=query,
+        heads=heads,
         top_k=min(k, loaded.num_classes),
         grid=grid,
         precision=o.precision,
@@ -90,7 +130,75 @@ def resolve_settings(loaded: LoadedModel, options: AttentionOptions | None = Non
         discard_ratio=o.discard_ratio or 0.0,
         target_class=o.target_class,
         depth=loaded.depth,
+        candidates=offering,
     )
+
+
+def _resolve_block(loaded: LoadedModel, block: int, query: Query, offering: tuple[int, ...]) -> int:
+    """A block index as a site index; negatives count from the end of the blocks offering the query."""
+    if block < 0 and len(offering) < loaded.depth:
+        if -len(offering) <= block:
+            return offering[block]
+        raise UsageError(
+            f"block {block} is out of range: {len(offering)} blocks of this model offer the {query} query "
+            f"(-{len(offering)}..-1, or {_spans(offering)})",
+            option="blocks",
+        )
+    index = loaded.resolve_block(block)
+    if index not in offering:
+        site = loaded.sites[index]
+        raise UsageError(
+            f"block {block} ({site.path}, {site.kind} attention) has no {query} query "
+            f"(it offers {', '.join(site.layout.query_names())}; blocks {_spans(offering)} offer {query})",
+            option="blocks",
+        )
+    return index
+
+
+def _resolve_heads(loaded: LoadedModel, heads: tuple[int, ...] | None, blocks: tuple[int, ...]) -> tuple[int, ...]:
+    """Head indices valid in every chosen block (all of them when None; the blocks must then agree)."""
+    counts = sorted({loaded.sites[b].heads for b in blocks})
+    if heads is None:
+        if len(counts) > 1:
+            raise UsageError(
+                f"blocks {_spans(blocks)} have different numbers of heads ({', '.join(map(str, counts))}): "
+                "choose blocks of one kind, or the heads to show",
+                option="heads",
+            )
+        return tuple(range(counts[0]))
+    n = counts[0]
+    bad = [h for h in heads if not 0 <= h < n]
+    if bad:
+        raise UsageError(
+            f"head {bad[0]} is out of range: the chosen blocks have {n} heads (0..{n - 1})", option="heads"
+        )
+    return tuple(dict.fromkeys(heads))
+
+
+def _spans(indices: tuple[int, ...]) -> str:
+    """``0..11, 13`` for (0, 1, ..., 11, 13)."""
+    spans: list[str] = []
+    start = prev = indices[0]
+    for i in (*indices[1:], None):
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        spans.append(str(start) if start == prev else f"{start}..{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(spans)
+
+
+def _check_method(loaded: LoadedModel, method: Method, blocks: tuple[int, ...]) -> None:
+    """Rollout and grad-rollout chain blocks 0..last chosen: each must be self-attention over one token set."""
+    sites = loaded.sites[: max(blocks) + 1]
+    for b, site in enumerate(sites):
+        if site.kind != "self" or site.layout != sites[0].layout:
+            raise UsageError(
+                f"{method.value} is not defined at block {b} of this model ({site.path}, {site.kind} attention): "
+                "it chains self-attention blocks over one token set; use the raw method there",
+                option="method",
+            )
 
 
 @dataclass
@@ -135,6 +243,7 @@ class ImageAttention:
         crop_box: the region of ``photo`` the model saw, in its pixels (left, top, right, bottom).
         depth: the model's number of blocks.
         photo: the picture the maps belong to, when it was given as a picture.
+        candidates: the blocks that offer the query; negative indices count from their end.
     """
 
     query: Query
@@ -146,9 +255,13 @@ class ImageAttention:
     target: Prediction | None = None
     depth: int = 0
     photo: Image.Image | None = field(default=None, repr=False)
+    candidates: tuple[int, ...] = ()
 
     def __getitem__(self, block: int) -> BlockMaps:
-        index = block % self.depth if self.depth and -self.depth <= block < 0 else block
+        if block < 0 and self.candidates and -len(self.candidates) <= block:
+            index = self.candidates[block]
+        else:
+            index = block % self.depth if self.depth and -self.depth <= block < 0 else block
         if index not in self.blocks:
             have = ", ".join(str(b) for b in self.blocks)
             raise KeyError(f"block {block} was not computed (computed: {have})")
@@ -225,21 +338,24 @@ def capturing(loaded: LoadedModel, settings: Settings) -> Iterator[AttentionCapt
     up to the last chosen one through the method's reducer (:mod:`vitattn.methods`); the blocks after it
     keep timm's fused kernel.
     """
-    layout, query, grid = loaded.layout, settings.query, settings.grid
+    query, grid, sites, family = settings.query, settings.grid, loaded.sites, loaded.family
     factory = METHODS.get(settings.method)
     if factory is not None:
+        layout = sites[0].layout  # one token set for every chained block (resolve_settings checked)
         reducer = factory(
             settings.blocks, query, layout, grid, fuse=settings.fuse, discard_ratio=settings.discard_ratio
         )
         stop = settings.top_k == 0 and not reducer.needs_grad
-        with AttentionCapture(loaded.model, reducer.blocks, reduce=reducer, stop_early=stop) as cap:
+        with AttentionCapture(loaded.model, reducer.blocks, reduce=reducer, stop_early=stop, family=family) as cap:
             yield cap
         return
 
     def reduce(block: int, attn: torch.Tensor) -> torch.Tensor:
-        return query_rows(attn, query, layout, grid).float()  # (B, H, N)
+        keys = sites[block].layout
+        return query_rows(attn, query, keys, keys.grid_for(loaded.input_size)).float()  # (B, H, N)
 
-    with AttentionCapture(loaded.model, settings.blocks, reduce=reduce, stop_early=settings.top_k == 0) as cap:
+    stop = settings.top_k == 0
+    with AttentionCapture(loaded.model, settings.blocks, reduce=reduce, stop_early=stop, family=family) as cap:
         yield cap
 
 
@@ -279,20 +395,21 @@ def forward_batch(
     """Run one preprocessed batch ``x`` (B, 3, H, W) through the model inside a capture scope."""
     import torch
 
-    layout = loaded.layout
-    grid = layout.grid_for((int(x.shape[-2]), int(x.shape[-1])))
+    input_hw = (int(x.shape[-2]), int(x.shape[-1]))
+    grid = loaded.sites[settings.blocks[0]].layout.grid_for(input_hw)  # every chosen block's (resolve_settings)
     head_index = torch.tensor(settings.heads)
     n = x.shape[0]
     logits, captured, method_rows, targets = _run(loaded, cap, x, settings)
     with torch.inference_mode():
         per_block = {}
         for b, rows in captured.items():
+            keys = loaded.sites[b].layout  # the tokens this block attends over
             rows = rows.index_select(1, head_index.to(rows.device))  # (B, H', N)
-            maps = patch_grid(rows, layout, grid)  # (B, H', gh, gw)
-            prefix = rows[:, :, : layout.num_prefix_tokens]  # (B, H', P)
+            maps = patch_grid(rows, keys, grid)  # (B, H', gh, gw)
+            prefix = rows[:, :, : keys.num_prefix_tokens]  # (B, H', P)
             per_block[b] = (maps.cpu().numpy(), prefix.cpu().numpy())
         method_maps = {
-            b: patch_grid(rows[:, None].float(), layout, grid)[:, 0].cpu().numpy()  # (B, gh, gw)
+            b: patch_grid(rows[:, None].float(), loaded.sites[b].layout, grid)[:, 0].cpu().numpy()  # (B, gh, gw)
             for b, rows in method_rows.items()
         }
         labels = loaded.labels
@@ -329,6 +446,7 @@ def forward_batch(
             method=settings.method,
             target=explained[i],
             depth=settings.depth,
+            candidates=settings.candidates,
         )
         for i in range(n)
     ]

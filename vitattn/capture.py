@@ -1,9 +1,11 @@
 """Capture stage: scoped hooks that read the attention probabilities of chosen blocks.
 
-How it works, for every supported family (vit, deit, beit, eva, relpos...): timm's attention modules
-compute ``softmax(q k^T * scale + bias)`` and pass it through ``self.attn_drop`` on their unfused path.
-Inside the scope, only the chosen blocks are switched to that path (``fused_attn = False``) and a forward
-hook on their ``attn_drop`` reads the probabilities; every other block keeps timm's fused kernel. On exit
+A *block* here is one attention site of the model's family (:mod:`vitattn.adapters`): for ViT-like models
+``blocks[i].attn`` (then an attention-pool head, if any); for class-attention families their class-attention
+blocks. Each site has a reader that knows how its module's probabilities are read: most switch only the
+chosen modules to timm's unfused path (``fused_attn = False``) and hook the ``attn_drop`` their softmax
+passes through; others recompute ``softmax(q k^T * scale + mask)`` from the module's own parameters on the
+input it received (:mod:`vitattn.adapters.readers`). Every other module keeps timm's fused kernel. On exit
 the hooks are removed and the flags restored, also when the forward pass raised. A forward pass that
 captured nothing from a chosen block raises :class:`CaptureError` instead of yielding empty maps.
 """
@@ -14,13 +16,16 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from vitattn.errors import CaptureError
+from vitattn.errors import CaptureError, UsageError
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-#: Called in the hook with (block index, attention probabilities (B, H, N, N)); what it returns is kept.
+    from vitattn.adapters.base import Family
+
+#: Called in the hook with (block index, attention probabilities (B, H, Q, N)); what it returns is kept.
+#: Q = N for self-attention; class-attention and attention-pool blocks have Q = their few query tokens.
 #: Reducing here (e.g. to one query row) keeps memory at O(N) per image instead of O(N^2).
 Reducer = Callable[[int, "torch.Tensor"], Any]
 
@@ -44,33 +49,40 @@ class AttentionCapture:
         *,
         reduce: Reducer | None = None,
         stop_early: bool = False,
+        family: Family | None = None,
     ) -> None:
         """
         Args:
-            model: a timm ViT-style model with ``model.blocks[i].attn.attn_drop``.
-            blocks: non-negative block indices to capture.
-            reduce: applied to each block's (B, H, N, N) probabilities inside the hook; identity if None.
+            model: a timm model some adapter reads (:mod:`vitattn.adapters`).
+            blocks: non-negative block (site) indices to capture.
+            reduce: applied to each block's (B, H, Q, N) probabilities inside the hook; identity if None.
             stop_early: end the forward pass as soon as every chosen block is captured (no logits).
+            family: the model's adapter reading (``LoadedModel.family``); None: read from the model
+                (:func:`vitattn.adapters.capture_family`).
         """
+        if family is None:
+            from vitattn.adapters import capture_family
+
+            family = capture_family(model)
         self.model = model
+        self.family = family
         self.blocks = sorted(set(blocks))
         self.reduce = reduce
         self.stop_early = stop_early
         self.captured: dict[int, Any] = {}
-        self._handles: list[Any] = []
-        self._saved_fused: dict[int, Any] = {}
+        self._releases: list[Callable[[], None]] = []
         self._active = False
+        depth = len(family.sites)
+        bad = [b for b in self.blocks if not 0 <= b < depth]
+        if bad:
+            raise UsageError(f"block {bad[0]} is out of range: this model has {depth} blocks (0..{depth - 1})")
 
     def __enter__(self) -> AttentionCapture:
-        all_blocks: Any = self.model.blocks
         try:
             for b in self.blocks:
-                attn = all_blocks[b].attn
-                if hasattr(attn, "fused_attn"):
-                    self._saved_fused[b] = attn.fused_attn
-                    attn.fused_attn = False
-                hook = attn.attn_drop.register_forward_hook(self._make_hook(b))
-                self._handles.append(hook)
+                site = self.family.sites[b]
+                module = self.model.get_submodule(site.path)
+                self._releases.append(site.reader.attach(module, self._make_hook(b)))
         except BaseException:
             self._release()
             raise
@@ -86,21 +98,16 @@ class AttentionCapture:
         self._release()  # never swallows: returns None
 
     def _release(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        all_blocks: Any = self.model.blocks
-        for b, fused in self._saved_fused.items():
-            all_blocks[b].attn.fused_attn = fused
-        self._saved_fused.clear()
+        while self._releases:
+            self._releases.pop()()  # hooks removed and flags restored, last attached first
         self._active = False
 
-    def _make_hook(self, block: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+    def _make_hook(self, block: int) -> Callable[[torch.Tensor], None]:
+        def hook(attn: torch.Tensor) -> None:
             if block in self.captured:
                 raise CaptureError(f"block {block}: attention was computed twice in one forward pass")
-            # output: (B, H, N, N) probabilities (attn_drop is the identity in eval mode)
-            self.captured[block] = self.reduce(block, output) if self.reduce else output
+            # attn: (B, H, Q, N) probabilities
+            self.captured[block] = self.reduce(block, attn) if self.reduce else attn
             if self.stop_early and len(self.captured) == len(self.blocks):
                 raise _StopForward
 

@@ -307,7 +307,7 @@ def heatmap(
             "--query",
             parser=_parse_query,
             metavar="QUERY",
-            help="Whose attention: cls, dist, patch-mean, or patch:R,C.",
+            help="Whose attention: cls, dist, pool (an attention-pool head), patch-mean, or patch:R,C.",
             show_default="cls, or patch-mean without a class token",
         ),
     ] = AttentionOptions.query,
@@ -754,11 +754,36 @@ def info(
             f"interpolation  {d['interpolation']}, crop_pct {d['crop_pct']}, crop_mode {d['crop_mode']}",
             f"classes        {d['num_classes']}",
             f"default query  {d['default_query']}",
+            f"adapter        {d['adapter']}",
+            *_site_lines(d["sites"]),
         ]
         typer.echo("\n".join(lines))
         return ExitCode.OK
 
     _run_guarded(debug, call)
+
+
+def _site_key(site: dict[str, Any]) -> tuple[Any, ...]:
+    return site["kind"], site["prefix_tokens"], site["queries"], site["heads"], site["grid"]
+
+
+def _site_lines(sites: list[dict[str, Any]]) -> list[str]:
+    """``info``'s blocks: runs of blocks with the same kind, prefix, queries, heads and grid shown once."""
+    lines: list[str] = []
+    i = 0
+    while i < len(sites):
+        j = i
+        key = _site_key(sites[i])
+        while j + 1 < len(sites) and _site_key(sites[j + 1]) == key:
+            j += 1
+        span = str(i) if i == j else f"{i}..{j}"
+        module = sites[i]["module"] if i == j else f"{sites[i]['module']} .. {sites[j]['module']}"
+        lines.append(
+            f"blocks {span:<7} {module}: {key[0]} attention, {key[3]} heads, {key[4][0]}×{key[4][1]} grid, "
+            f"queries {', '.join(key[2])}"
+        )
+        i = j + 1
+    return lines
 
 
 @app.command()
@@ -767,12 +792,21 @@ def models(
     pretrained: Annotated[
         bool, typer.Option("--pretrained", help="Only models with pretrained weights on the hub.")
     ] = False,
+    show_all: Annotated[
+        bool,
+        typer.Option("--all", help="Every timm architecture: name, supported or refused, adapter or reason (TSV)."),
+    ] = False,
+    summary: Annotated[
+        bool, typer.Option("--summary", help="Coverage counts by family (pretrained tags and architectures).")
+    ] = False,
 ) -> None:
     """List the timm models vitattn supports."""
 
     def call() -> int:
         from vitattn.models import supported_models
 
+        if show_all or summary:
+            return _coverage_report(pattern, pretrained=pretrained, summary=summary)
         names = supported_models(pattern, pretrained=pretrained)
         for name in names:
             _emit(name)
@@ -879,6 +913,31 @@ def explore(
         )
 
     _run_guarded(debug, call, progress)
+
+
+def _coverage_report(pattern: str, *, pretrained: bool, summary: bool) -> int:
+    """``models --all`` (one TSV line per architecture) or ``models --summary`` (counts by family)."""
+    from vitattn.coverage import census, coverage, pretrained_tags
+
+    rows = census(pattern)
+    if pretrained:
+        tags = pretrained_tags()
+        rows = [r for r in rows if tags[r.name]]
+    if not summary:
+        for r in rows:
+            _emit(f"{r.name}\t{'supported' if r.supported else 'refused'}\t{r.adapter or r.reason}")
+        return ExitCode.OK
+    c = coverage(rows)
+    _emit("family\tsupported_tags\ttags\tsupported_archs\tarchs")
+    for module, (sa, a, st, t) in sorted(c.by_family.items(), key=lambda kv: (-kv[1][3], kv[0])):
+        _emit(f"{module}\t{st}\t{t}\t{sa}\t{a}")
+    _emit(f"total\t{c.supported_tags}\t{c.attention_tags}\t{c.supported_archs}\t{c.attention_archs}")
+    _err(
+        f"{c.supported_tags} of {c.attention_tags} pretrained tags of attention-bearing architectures are "
+        f"supported ({100 * c.fraction:.1f}%)",
+        "coverage",
+    )
+    return ExitCode.OK
 
 
 def main() -> None:

@@ -222,6 +222,7 @@ def build_pages(
     maps and the predictions), two for rollout and grad-rollout (the method's own pass, then the rows)."""
     from vitattn.overlays import _fit_photo
 
+    check_supported(loaded, settings.blocks)
     r = render or RenderOptions()
     shown = []
     for photo, box in zip(photos, boxes, strict=True):
@@ -280,6 +281,24 @@ def build_pages(
         plan = replace(plan, patch_blocks=plan.patch_blocks[:-1])  # the margin was not enough: one block less
 
 
+def check_supported(loaded: LoadedModel, blocks: Sequence[int]) -> None:
+    """The page reads self-attention over the model's prefix tokens and one patch grid in every block it holds
+    (UsageError naming the first block that is not so: windowed, pooled or class-attention sites)."""
+    from vitattn.errors import UsageError
+
+    grid = loaded.grid
+    for b in blocks:
+        site = loaded.sites[b]
+        same = site.kind == "self" and site.layout == loaded.layout and site.layout.grid_for(loaded.input_size) == grid
+        if not same:
+            raise UsageError(
+                f"block {b} of {loaded.spec} is {site.kind} attention over {site.layout.roles or 'no'} prefix tokens "
+                "and its own token grid: the explorer shows self-attention over the model's patch grid "
+                "(ViT-style blocks) only",
+                option="blocks",
+            )
+
+
 def _results(att: ImageAttention) -> dict[str, Any]:
     return {
         "methods": _method_maps(att),
@@ -302,7 +321,10 @@ def _pages_for(
     raw = atts is None
     reducer = _RowsReducer(plan, settings.heads, loaded.layout, settings.grid, settings.query if raw else None)
     if raw:
-        with AttentionCapture(loaded.model, settings.blocks, reduce=reducer, stop_early=settings.top_k == 0) as cap:
+        stop = settings.top_k == 0
+        with AttentionCapture(
+            loaded.model, settings.blocks, reduce=reducer, stop_early=stop, family=loaded.family
+        ) as cap:
             atts = forward_batch(loaded, cap, x, settings)
         results = [_results(att) for att in atts]
     else:
@@ -310,7 +332,7 @@ def _pages_for(
         wanted = sorted({*plan.prefix_blocks, *plan.patch_blocks})
         if wanted:
             with (
-                AttentionCapture(loaded.model, wanted, reduce=reducer, stop_early=True) as cap,
+                AttentionCapture(loaded.model, wanted, reduce=reducer, stop_early=True, family=loaded.family) as cap,
                 torch.inference_mode(),
                 autocast(loaded.device, settings.precision),
             ):

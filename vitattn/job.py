@@ -106,9 +106,7 @@ class HeatmapJob:
         self.run_options = run or RunOptions()
         self.lut = colormap_lut(render.cmap)  # fails early on a bad name
         self.fuse = render.fuse or settings.fuse
-        from vitattn.maps import check_query
-
-        self.default_query = check_query(None, loaded.layout, loaded.grid)
+        self.default_query = loaded.default_query
         self.model_key = {"model": loaded.spec, "weights": loaded.weights}
         self.model_tag = model_tag(loaded.spec, loaded.weights)
         self.identity = {b: identity_record(loaded, settings, b) for b in settings.blocks}

@@ -19,15 +19,21 @@ if TYPE_CHECKING:
 
     from vitattn.models import TokenLayout
 
+
 def check_query(query: Query | None, layout: TokenLayout, grid: tuple[int, int]) -> Query:
-    """The query for a model: None picks ``cls`` when the model has a class token, else ``patch-mean``.
+    """The query for a block of this layout: None picks ``cls`` when there is a class token, else ``patch-mean``
+    (a model's natural query is its adapter's: :attr:`vitattn.models.LoadedModel.default_query`).
 
     Raises:
-        UsageError: a token the model does not have, or a patch outside the grid.
+        UsageError: a token the block does not have, or a patch outside the grid.
     """
     if query is None:
+        if layout.queries is not None:
+            return Query(QueryKind(layout.queries[0]))
         return Query(QueryKind.cls if layout.has_cls else QueryKind.patch_mean)
-    if query.kind in (QueryKind.cls, QueryKind.dist) and layout.index_of(query.kind.value) is None:
+    if not layout.offers(query):
+        if layout.queries is not None:
+            raise UsageError(f"query {query}: only {', '.join(layout.queries)} ask in this block", option="query")
         have = ", ".join(layout.roles) or "none"
         raise UsageError(f"this model has no {query.kind.value} token (its prefix tokens: {have})", option="query")
     if query.kind is QueryKind.patch:
@@ -43,10 +49,15 @@ def query_rows(attn: torch.Tensor, query: Query, layout: TokenLayout, grid: tupl
     """The query's attention over all tokens.
 
     Args:
-        attn: (B, H, N, N) attention probabilities, rows = queries.
+        attn: (B, H, Q, N) attention probabilities, rows = queries: Q = N for self-attention, else the
+            layout's few query tokens (``layout.queries``: class attention, attention pool).
     Returns:
         (B, H, N) probabilities (each row sums to one over N).
     """
+    if layout.queries is not None:
+        if query.kind.value not in layout.queries:
+            raise UsageError(f"query {query}: only {', '.join(layout.queries)} ask in this block", option="query")
+        return attn[:, :, layout.queries.index(query.kind.value), :]  # (B, H, N)
     p = layout.num_prefix_tokens
     if query.kind is QueryKind.patch_mean:
         return attn[:, :, p:, :].mean(dim=2)  # (B, H, N)
@@ -96,6 +107,8 @@ def query_weights(
     """
     import torch
 
+    if layout.queries is not None:
+        raise UsageError("token weights need a block where every token asks (self-attention)", option="query")
     p = layout.num_prefix_tokens
     gh, gw = grid
     w = torch.zeros(p + gh * gw, dtype=torch.float32, device=device)  # (N,)

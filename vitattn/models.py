@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from vitattn.errors import ModelError, UnsupportedModelError, UsageError, WeightsUnavailableError
-from vitattn.options import DEFAULT_MODEL
+from vitattn.adapters.base import Family, Site
+from vitattn.adapters.base import TokenLayout as TokenLayout  # re-exported: vitattn.models.TokenLayout
+from vitattn.errors import ModelError, UsageError, WeightsUnavailableError
+from vitattn.options import DEFAULT_MODEL, Query
 
 if TYPE_CHECKING:
     import torch
@@ -25,35 +27,6 @@ MODEL_SOURCES = ("hf-hub:", "local-dir:")
 DEMO_SPEC = "demo"
 RANDOM_WEIGHTS_SEED = 0
 _MAX_KEYS_SHOWN = 5
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where each token sits in a block's sequence: prefix tokens first, then patches row-major.
-
-    Attributes:
-        roles: one name per prefix token, in sequence order: ``cls``, ``dist``, ``reg0``, ``reg1``...
-        patch_size: (height, width) of one patch in input pixels.
-    """
-
-    roles: tuple[str, ...]
-    patch_size: tuple[int, int]
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return len(self.roles)
-
-    def index_of(self, role: str) -> int | None:
-        """Sequence index of the prefix token with this role, or None if the model has none."""
-        return self.roles.index(role) if role in self.roles else None
-
-    @property
-    def has_cls(self) -> bool:
-        return "cls" in self.roles
-
-    def grid_for(self, input_hw: tuple[int, int]) -> tuple[int, int]:
-        """Patch grid (rows, cols) for an input of this (height, width) in pixels."""
-        return input_hw[0] // self.patch_size[0], input_hw[1] // self.patch_size[1]
 
 
 @dataclass
@@ -79,15 +52,42 @@ class LoadedModel:
     device: torch.device
     labels: list[str] | None = None
     imagenet_head: bool = False
+    family: Family | None = None
     _transform: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.family is None:  # built by hand: read the model (UnsupportedModelError when no adapter can)
+            from vitattn.adapters import read_family
+
+            self.family = read_family(self.model, self.spec)
+
+    @property
+    def sites(self) -> tuple[Site, ...]:
+        """The attention sites, in forward order: what a block index means."""
+        assert self.family is not None  # set in __post_init__
+        return self.family.sites
+
+    @property
+    def adapter(self) -> str:
+        """The name of the adapter that reads this model (``vit``, ``class-attention``...)."""
+        assert self.family is not None
+        return self.family.adapter
+
+    @property
+    def default_query(self) -> Query:
+        """The family's natural query (``cls``, ``pool`` or ``patch-mean``)."""
+        assert self.family is not None
+        return self.family.default_query
 
     @property
     def depth(self) -> int:
-        return len(self.model.blocks)  # type: ignore[arg-type]
+        """Number of attention sites (for ViT-like models: the blocks, then an attention-pool head if any)."""
+        return len(self.sites)
 
     @property
     def num_heads(self) -> int:
-        return int(self.model.blocks[0].attn.num_heads)  # type: ignore[index, union-attr]
+        """Heads of the first site (every site of the supported families has as many)."""
+        return self.sites[0].heads
 
     @property
     def num_classes(self) -> int:
@@ -169,45 +169,14 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def token_layout(model: nn.Module, spec: str = "") -> TokenLayout:
-    """Read the prefix-token layout from the model itself; never assume offsets.
+    """The image-token layout of a model, as its family's adapter reads it; never assumed.
 
     Raises:
-        UnsupportedModelError: the model is not a ViT-style model with global self-attention blocks,
-            or its prefix tokens cannot be accounted for.
+        UnsupportedModelError: no adapter reads the model (one line saying why).
     """
-    name = spec or type(model).__name__
-    blocks = getattr(model, "blocks", None)
-    patch_embed = getattr(model, "patch_embed", None)
-    why = None
-    if blocks is None or patch_embed is None or not hasattr(model, "num_prefix_tokens"):
-        why = "it has no patch embedding followed by a stack of transformer blocks (model.blocks)"
-    elif not all(hasattr(getattr(b, "attn", None), "attn_drop") for b in blocks):
-        why = (
-            "its blocks do not run global multi-head self-attention over all tokens "
-            "(e.g. windowed or convolutional attention)"
-        )
-    if why:
-        raise UnsupportedModelError(
-            f"{name} is not supported: {why}. vitattn works with ViT-style timm models (vit, deit, deit3, "
-            "flexivit, dinov2, beit, eva...); see `vitattn models`"
-        )
-    roles: list[str] = []
-    if getattr(model, "cls_token", None) is not None:
-        roles.append("cls")
-    if getattr(model, "dist_token", None) is not None:
-        roles.append("dist")
-    reg = getattr(model, "reg_token", None)
-    num_reg = int(reg.shape[1]) if reg is not None else 0
-    roles.extend(f"reg{i}" for i in range(num_reg))
-    num_prefix = int(model.num_prefix_tokens)  # type: ignore[arg-type]
-    if len(roles) != num_prefix:
-        raise UnsupportedModelError(
-            f"{name} is not supported: it has {num_prefix} prefix tokens but vitattn identified {len(roles)} "
-            f"({', '.join(roles) or 'none'})"
-        )
-    ps = patch_embed.patch_size  # type: ignore[union-attr]
-    patch_size = (int(ps[0]), int(ps[1])) if isinstance(ps, (tuple, list)) else (int(ps), int(ps))
-    return TokenLayout(roles=tuple(roles), patch_size=patch_size)
+    from vitattn.adapters import read_family
+
+    return read_family(model, spec).layout
 
 
 def _suggest(name: str) -> str:
@@ -395,7 +364,7 @@ def load_model(
 
     Raises:
         UsageError: unknown model name or unavailable device.
-        UnsupportedModelError: not a ViT-style model.
+        UnsupportedModelError: no adapter reads the model (see :mod:`vitattn.adapters`).
         WeightsUnavailableError: pretrained weights cannot be fetched (offline).
         ModelError: weights that cannot be read or do not fit.
     """
@@ -407,7 +376,9 @@ def load_model(
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(RANDOM_WEIGHTS_SEED)  # random weights: the same command gives the same maps
         model = _create(source_spec, pretrained=use_pretrained, **(model_kwargs or {}))
-    token_layout(model, spec)  # refuse an unsupported model before reading any weights into it
+    from vitattn.adapters import read_family
+
+    read_family(model, spec)  # refuse an unsupported model before reading any weights into it
     if weights is not None:
         load_weights(model, weights)
         source = os.fspath(weights)
@@ -437,7 +408,9 @@ def wrap_model(model: nn.Module, *, spec: str | None = None, weights: str = "cal
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = spec or str(cfg.get("architecture") or type(model).__name__)
-    layout = token_layout(model, name)
+    from vitattn.adapters import read_family
+
+    family = read_family(model, name)
     param = next(iter(model.parameters()), None)
     import torch
 
@@ -447,11 +420,12 @@ def wrap_model(model: nn.Module, *, spec: str | None = None, weights: str = "cal
         model=model,
         spec=name,
         weights=weights,
-        layout=layout,
+        layout=family.layout,
         data_config=dict(resolve_model_data_config(model)),
         device=device,
         labels=labels,
         imagenet_head=imagenet,
+        family=family,
     )
 
 
@@ -477,30 +451,35 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
         "crop_pct": cfg.get("crop_pct"),
         "crop_mode": cfg.get("crop_mode", "center"),
         "num_classes": loaded.num_classes,
-        "default_query": "cls" if layout.has_cls else "patch-mean",
+        "default_query": str(loaded.default_query),
+        "adapter": loaded.adapter,
+        "sites": [
+            {
+                "block": i,
+                "module": s.path,
+                "kind": s.kind,
+                "heads": s.heads,
+                "prefix_tokens": list(s.layout.roles),
+                "queries": list(s.layout.query_names()),
+                "grid": list(s.layout.grid_for(loaded.input_size)),
+            }
+            for i, s in enumerate(loaded.sites)
+        ],
     }
 
 
 def supported_models(pattern: str = "", *, pretrained: bool = False) -> list[str]:
     """timm model names (optionally matching a wildcard ``pattern``, in any case) that vitattn can handle.
 
-    Decided without building each model: the families built on timm's ViT-style classes, less the variants
-    whose blocks run attention inside a fused parallel block (no ``block.attn``), which
-    :func:`token_layout` refuses. ``tests/test_models.py`` checks both sides on the meta device.
-    With ``pretrained``, only architectures that have pretrained weights (a timm pretrained tag).
+    Decided without building each model, from :mod:`vitattn.coverage` (the families an adapter reads, less
+    the variants it refuses); ``tests/test_census.py`` checks that table on every architecture on the meta
+    device. With ``pretrained``, only architectures that have pretrained weights (a timm pretrained tag).
     """
-    import fnmatch
-
     import timm
 
-    names: list[str] = []
-    for module in _SUPPORTED_MODULES:
-        names.extend(timm.list_models(pattern.lower() or "*", module=module))  # timm's names are lower case
-    keep = {n for n in names if not any(fnmatch.fnmatch(n, x) for x in _PARALLEL_BLOCK_MODELS)}
+    from vitattn.coverage import census
+
+    keep = {s.name for s in census(pattern) if s.supported}
     if pretrained:
         keep &= {tag.split(".")[0] for tag in timm.list_models(pattern.lower() or "*", pretrained=True)}
     return sorted(keep)
-
-
-_SUPPORTED_MODULES = ("vision_transformer", "deit", "beit", "eva", "vision_transformer_relpos")
-_PARALLEL_BLOCK_MODELS = ("*_18x2_*", "*_xp_*", "vit_pwee_*", "vit_dpwee_*")

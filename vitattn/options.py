@@ -70,6 +70,7 @@ class QueryKind(str, Enum):
 
     cls = "cls"  # the class token's row
     dist = "dist"  # the distillation token's row
+    pool = "pool"  # an attention-pool head's latent query (``global_pool='map'``)
     patch_mean = "patch-mean"  # the mean over every patch's row
     patch = "patch"  # one patch's row
 
@@ -79,7 +80,8 @@ _PATCH_RE = re.compile(r"^patch:(-?\d+),(-?\d+)$")
 
 @dataclass(frozen=True)
 class Query:
-    """Whose attention to show: a prefix token (``cls``, ``dist``), the mean over patch queries, or one patch.
+    """Whose attention to show: a prefix token (``cls``, ``dist``), an attention-pool head's latent query
+    (``pool``), the mean over patch queries, or one patch.
 
     Attributes:
         kind: the query's kind.
@@ -98,7 +100,7 @@ class Query:
 
     @classmethod
     def parse(cls, text: str | Query) -> Query:
-        """``cls``, ``dist``, ``patch-mean`` or ``patch:R,C`` (UsageError otherwise); no model needed."""
+        """``cls``, ``dist``, ``pool``, ``patch-mean`` or ``patch:R,C`` (UsageError otherwise); no model needed."""
         if isinstance(text, Query):
             return text
         value = text.strip().lower()
@@ -110,7 +112,7 @@ class Query:
         except ValueError:
             kind = QueryKind.patch  # "patch" alone has no coordinates
         if kind is QueryKind.patch:
-            raise UsageError(f"unknown query {text!r}: use cls, dist, patch-mean or patch:R,C", option="query")
+            raise UsageError(f"unknown query {text!r}: use cls, dist, pool, patch-mean or patch:R,C", option="query")
         return cls(kind)
 
 
@@ -157,7 +159,8 @@ class AttentionOptions:
 
     Attributes:
         blocks: block indices, negatives counting from the end; None: every block.
-        query: whose attention; None: the model's natural query (``cls`` with a class token).
+        query: whose attention; None: the model's natural query (``cls`` when the head reads a class token,
+            ``pool`` with an attention-pool head, else ``patch-mean``).
         heads: head indices kept; None: all.
         method: ``raw`` (each block's own attention), ``rollout`` or ``grad-rollout`` (block 0 up to each
             chosen block).

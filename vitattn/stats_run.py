@@ -24,10 +24,19 @@ from vitattn.attention import Settings, autocast, resolve_settings
 from vitattn.capture import AttentionCapture
 from vitattn.decoding import load_image
 from vitattn.discovery import InputItem
-from vitattn.errors import InputError, Reason, VitattnError
+from vitattn.errors import InputError, Reason, UsageError, VitattnError
 from vitattn.heatmap import as_loaded
 from vitattn.job import Outcome, exc_line
-from vitattn.options import DEFAULT_MAX_PIXELS, AttentionOptions, InputOptions, ModelOptions, RunOptions, StatsOptions
+from vitattn.options import (
+    DEFAULT_MAX_PIXELS,
+    AttentionOptions,
+    InputOptions,
+    ModelOptions,
+    Query,
+    QueryKind,
+    RunOptions,
+    StatsOptions,
+)
 from vitattn.preprocess import peak_pixels, photo_tensor, tensor_transform
 from vitattn.statistics import StatsReducer, StatsState, merge_states, stat_names
 from vitattn.stats_report import (
@@ -60,6 +69,27 @@ def stats_attention(loaded: LoadedModel, attention: AttentionOptions | None) -> 
     o = attention or AttentionOptions(blocks=None)
     if o.top_k is None:
         o = dataclasses.replace(o, top_k=1 if loaded.num_classes > 0 else 0)
+    # the statistics read self-attention over the model's own patch grid (the distances are in its patches)
+    eligible = [b for b, site in enumerate(loaded.sites) if site.kind == "self" and site.layout == loaded.layout]
+    if o.blocks is None:
+        if not eligible:
+            raise UsageError(
+                f"vitattn stats reads self-attention over the patch grid, and {loaded.spec} has no such block "
+                f"(its blocks: {', '.join(sorted({s.kind for s in loaded.sites}))} attention)",
+                option="blocks",
+            )
+        o = dataclasses.replace(o, blocks=tuple(eligible))
+    else:
+        for b in o.blocks:
+            site = loaded.sites[loaded.resolve_block(b)]
+            if loaded.resolve_block(b) not in eligible:
+                raise UsageError(
+                    f"block {b} is a {site.kind}-attention block over another grid: vitattn stats reads "
+                    "self-attention over the model's patch grid",
+                    option="blocks",
+                )
+    if o.query is None:  # the class token's row where there is one (not an attention-pool head's query)
+        o = dataclasses.replace(o, query=Query(QueryKind.cls if loaded.layout.has_cls else QueryKind.patch_mean))
     return resolve_settings(loaded, o)
 
 
@@ -93,7 +123,9 @@ def empty_state(loaded: LoadedModel, settings: Settings) -> StatsState:
 def stats_capture(loaded: LoadedModel, settings: Settings) -> AttentionCapture:
     """A capture scope whose hook reduces each chosen block to per-image statistics."""
     reducer = StatsReducer(loaded.layout, settings.grid, settings.query, map_block=settings.blocks[-1])
-    return AttentionCapture(loaded.model, settings.blocks, reduce=reducer, stop_early=settings.top_k == 0)
+    return AttentionCapture(
+        loaded.model, settings.blocks, reduce=reducer, stop_early=settings.top_k == 0, family=loaded.family
+    )
 
 
 def infer(
