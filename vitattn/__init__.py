@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         WeightsUnavailableError,
     )
     from vitattn.explainer import explain
+    from vitattn.explorer import Explorer, explore
     from vitattn.grids import labelled_grid
     from vitattn.heatmap import HeatmapRun, start_heatmap
     from vitattn.job import Outcome
@@ -93,6 +94,8 @@ _EXPORTS = {
     "dataset_stats": "vitattn.stats_run",
     "describe": "vitattn.models",
     "explain": "vitattn.explainer",
+    "explore": "vitattn.explorer",
+    "Explorer": "vitattn.explorer",
     "grad_rollout": "vitattn.maps",
     "labelled_grid": "vitattn.grids",
     "load_image": "vitattn.decoding",
@@ -130,6 +133,7 @@ __all__ = [
     "DatasetStats",
     "Engine",
     "EngineError",
+    "Explorer",
     "HeadFusion",
     "HeatmapRun",
     "ImageAttention",
@@ -161,6 +165,7 @@ __all__ = [
     "dataset_stats",
     "describe",
     "explain",
+    "explore",
     "grad_rollout",
     "labelled_grid",
     "load_image",

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, NoReturn
 
@@ -20,6 +21,7 @@ from typer.core import TyperCommand, TyperGroup
 from vitattn._version import __version__
 from vitattn.errors import ExitCode, OutputError, UsageError, VitattnError, display_path
 from vitattn.options import (
+    DEFAULT_EXPLORE_BUDGET,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
     AttentionOptions,
@@ -68,6 +70,17 @@ FLAGS = {
     "top_k": "--top-k",
     "weights": "--weights",
 }
+
+@dataclass(frozen=True)
+class _Explore:
+    """What ``--html`` and ``vitattn explore`` add to a heatmap run."""
+
+    html: bool = False
+    gallery: bool = False
+    budget: int = DEFAULT_EXPLORE_BUDGET
+    pages_only: bool = False  # stdout: the page's path (explore) instead of the folder (heatmap)
+    open: bool = False
+    every_block: bool = False  # the pages capture every block (the PNGs: the run's blocks)
 
 
 class _Group(TyperGroup):
@@ -331,7 +344,9 @@ def _check_stdout() -> None:
         raise OutputError("stdout is closed, so results could not be reported (redirect it: >/dev/null)")
 
 
-def _report(outcome: Outcome, *, as_json: bool, progress: _Progress, debug: bool = False) -> None:
+def _report(
+    outcome: Outcome, *, as_json: bool, progress: _Progress, debug: bool = False, line: str | None = None
+) -> None:
     from vitattn.outputs import json_line
 
     progress.clear()
@@ -349,7 +364,7 @@ def _report(outcome: Outcome, *, as_json: bool, progress: _Progress, debug: bool
     if as_json:
         _emit(json_line(outcome.record))
     elif outcome.folder is not None and outcome.status in ("ok", "skipped"):
-        _emit(os.fspath(outcome.folder))
+        _emit(line or os.fspath(outcome.folder))
     progress.show()
 
 
@@ -531,6 +546,13 @@ def heatmap(
         ),
     ] = RunOptions.ray_gpus_per_worker,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    html: Annotated[
+        bool,
+        typer.Option("--html", help="Also write each input's explorer page (explore.html) and OUT/index.html."),
+    ] = False,
+    explore_budget: Annotated[
+        float, typer.Option("--explore-budget", min=0.1, metavar="MB", help="Largest explorer page, in MB.")
+    ] = DEFAULT_EXPLORE_BUDGET / 1e6,
 ) -> None:
     """Draw the attention of chosen blocks' heads, or a rollout of them, over each picture."""
     if not inputs:
@@ -557,6 +579,7 @@ def heatmap(
             stdin=stdin,
             as_json=as_json,
             debug=debug,
+            explore=_Explore(html=html, gallery=html, budget=int(explore_budget * 1e6)),
             inputs=InputOptions(tuple(inputs), recursive=recursive, null_separated=null),
             model=ModelOptions(model, weights=weights, pretrained=not no_pretrained, device=device),
             attention=AttentionOptions(
@@ -606,6 +629,7 @@ def _heatmap(
     stdin: BinaryIO | None,
     as_json: bool,
     debug: bool,
+    explore: _Explore | None = None,
 ) -> int:
     from vitattn.discovery import folder_hints
     from vitattn.heatmap import count_inputs, start_heatmap
@@ -624,19 +648,40 @@ def _heatmap(
         _err("--no-pretrained: random weights, so the maps are meaningless (useful for testing only)", "warning")
     progress.started = True
     progress.starting(f"{progress.line(time.monotonic())} (first batch)")
+    stream: Any = started.outcomes()
+    if explore is not None and explore.html:
+        from vitattn.explorer import add_pages
+
+        stream = add_pages(
+            started, budget=explore.budget, gallery=explore.gallery, blocks=None if explore.every_block else ()
+        )
+    first_page: str | None = None
+
+    def report(outcome: Outcome) -> None:
+        nonlocal first_page
+        files = outcome.record.get("files")
+        page = files.get("explore") if isinstance(files, dict) else None
+        line = page if explore is not None and explore.pages_only else None
+        _report(outcome, as_json=as_json, progress=progress, debug=debug, line=line)
+        first_page = first_page or page
+
     try:
-        with contextlib.closing(started.outcomes()) as outcomes:  # closing drains the write workers, also on errors
+        with contextlib.closing(stream) as outcomes:  # closing drains the write workers, also on errors
             for outcome in outcomes:
-                _report(outcome, as_json=as_json, progress=progress, debug=debug)
+                report(outcome)
     except BaseException:  # stopped early (Ctrl-C, SIGTERM, a fatal error): results finished by then are reported
         with contextlib.suppress(Exception):  # the stop is what gets reported, not a failure to report
             for outcome in started.unreported:
-                _report(outcome, as_json=as_json, progress=progress, debug=debug)
+                report(outcome)
         raise
     for outcome in started.unreported:
-        _report(outcome, as_json=as_json, progress=progress, debug=debug)
+        report(outcome)
     if progress.total is None and progress.done == 0:
         _err("no inputs: stdin held no paths", "warning")
+    if explore is not None and explore.open and first_page:
+        import webbrowser
+
+        webbrowser.open(Path(first_page).resolve().as_uri())
     return ExitCode.INPUT_FAILED if progress.counts["error"] else ExitCode.OK
 
 
@@ -951,6 +996,104 @@ def models(
         return ExitCode.OK
 
     _run_guarded(False, call)
+
+
+@app.command(no_args_is_help=True)
+def explore(
+    inputs: Annotated[list[str], typer.Argument(help="Image files or folders (- reads paths from stdin).")],
+    recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Descend into sub-folders.")] = False,
+    model: Annotated[
+        str,
+        typer.Option("-m", "--model", help="timm model name, hf-hub:ORG/NAME, local-dir:PATH, or demo (bundled)."),
+    ] = DEFAULT_MODEL,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", metavar="FILE", help="Local checkpoint (.safetensors, .pth, .pt, .bin).",
+                     show_default=False),
+    ] = None,
+    no_pretrained: Annotated[
+        bool, typer.Option("--no-pretrained", help="Random weights, seeded (the maps are meaningless; for testing).")
+    ] = False,
+    block: Annotated[
+        list[str] | None,
+        typer.Option("-b", "--block", help="Blocks of the page and the PNGs: indices (negatives from the end), "
+                     "3,11, or all.", show_default="every block in the page, the last in the PNGs"),
+    ] = None,
+    heads: Annotated[str | None, typer.Option("--heads", help="Heads kept, e.g. 0,3,5.", show_default="all")] = None,
+    query: Annotated[
+        Query | None,
+        typer.Option("--query", parser=_parse_query, metavar="QUERY",
+                     help="The query the page opens with (and rollout's): cls, dist, patch-mean, or patch:R,C.",
+                     show_default="cls, or patch-mean without a class token"),
+    ] = AttentionOptions.query,
+    method: Annotated[
+        Method, typer.Option("--method", case_sensitive=False, help="Also compute rollout or grad-rollout.")
+    ] = AttentionOptions.method,
+    fuse: Annotated[HeadFusion, typer.Option("--fuse", case_sensitive=False, help="How heads are combined.")] = (
+        AttentionOptions.fuse
+    ),
+    discard_ratio: Annotated[
+        float | None, typer.Option("--discard-ratio", help="rollout: drop this fraction of each row.", show_default="0")
+    ] = AttentionOptions.discard_ratio,
+    target_class: Annotated[
+        str | None, typer.Option("--target-class", help="grad-rollout: class index or top1.", show_default="top1")
+    ] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = RenderOptions.out,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per input on stdout.")] = False,
+    cmap: Annotated[str, typer.Option("--cmap", help="The colormap the page opens with.")] = RenderOptions.cmap,
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = RenderOptions.alpha,
+    max_side: Annotated[
+        int, typer.Option("--max-side", min=0, help="Long side of the photo and overlays in pixels (0: original).")
+    ] = RenderOptions.max_side,
+    shared_scale: Annotated[
+        bool, typer.Option("--shared-scale", help="Open with one colour scale across heads.")
+    ] = RenderOptions.shared_scale,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda[:N], mps.")] = ModelOptions.device,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", min=0, help="Predictions shown.", show_default="5 for an ImageNet head")
+    ] = AttentionOptions.top_k,
+    precision: Annotated[
+        Precision, typer.Option("--precision", case_sensitive=False, help="Forward-pass precision (autocast).")
+    ] = AttentionOptions.precision,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo inputs whose outputs exist.")] = False,
+    explore_budget: Annotated[
+        float, typer.Option("--explore-budget", min=0.1, metavar="MB", help="Largest page, in MB.")
+    ] = DEFAULT_EXPLORE_BUDGET / 1e6,
+    open_page: Annotated[bool, typer.Option("--open", help="Open the first page in the default browser.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Write an interactive explorer page (explore.html) per picture: any block, head, query patch."""
+    progress = _Progress()
+
+    def call() -> int:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out}: exists and is not a folder", option="out")
+        return _heatmap(
+            progress,
+            stdin=sys.stdin.buffer if "-" in inputs and sys.stdin is not None else None,
+            as_json=as_json,
+            debug=debug,
+            explore=_Explore(
+                html=True, budget=int(explore_budget * 1e6), pages_only=True, open=open_page, every_block=not block
+            ),
+            inputs=InputOptions(tuple(inputs), recursive=recursive),
+            model=ModelOptions(model, weights=weights, pretrained=not no_pretrained, device=device),
+            attention=AttentionOptions(
+                blocks=_parse_blocks(block),  # the PNGs' blocks (default -1); the page: every block unless -b
+                query=query,
+                heads=_parse_ints(heads, "heads"),
+                method=method,
+                fuse=fuse,
+                discard_ratio=discard_ratio,
+                target_class=_parse_target(target_class),
+                top_k=top_k,
+                precision=precision,
+            ),
+            render=RenderOptions(out=out, cmap=cmap, alpha=alpha, max_side=max_side, shared_scale=shared_scale),
+            run=RunOptions(overwrite=overwrite),
+        )
+
+    _run_guarded(debug, call, progress)
 
 
 def _coverage_report(pattern: str, *, pretrained: bool, summary: bool) -> int:

@@ -29,6 +29,9 @@ DEFAULT_OUT = Path("vitattn-out")
 DEFAULT_MAX_PIXELS = 89_478_485
 """Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), in pixels."""
 
+DEFAULT_EXPLORE_BUDGET = 24_000_000
+"""The largest explorer page (``explore.html``), in bytes: 24 MB."""
+
 
 class Method(str, Enum):
     """What a map shows."""
