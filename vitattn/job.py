@@ -390,6 +390,10 @@ class HeatmapJob:
                 )
                 entry["sizes"] = sizes
                 results[f.key] = entry
+            # the files no result has any more go before meta.json says complete: a kill in between leaves the
+            # entries "writing", so the next run redoes them, never a complete result next to stray old files
+            keep = {n for e in results.values() for n in _names(e)}
+            rf.remove((leftovers | {n for f in plan.todo for n in replaced[f.key]}) - keep)
             save([f.key for f in plan.files])
         except BaseException as exc:
             # a failed input leaves nothing half-done: its files go, its entries go, the others stay
@@ -408,8 +412,6 @@ class HeatmapJob:
                 raise
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc_line(exc)
             raise _caused(InputError(item.path, Reason.WRITE, detail), exc) from exc
-        keep = {n for e in results.values() for n in _names(e)}
-        rf.remove((leftovers | {n for f in plan.todo for n in replaced[f.key]}) - keep)
         entries = [results[f.key] for f in plan.files]
         record = {**base, **record_rest(rf.path, plan.files, self.settings.method, entries)}
         return Outcome(item, "ok", record, rf.path, warnings=prep.warnings)

@@ -551,7 +551,12 @@ def wrap_model(model: nn.Module, *, spec: str | None = None, weights: str = "cal
 
 
 def _in_channels(model: nn.Module) -> int | None:
-    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    """The picture channels the patch embedding takes; None when unknown (a hybrid's projection reads the
+    backbone's features, not the picture)."""
+    embed = getattr(model, "patch_embed", None)
+    if getattr(embed, "backbone", None) is not None:
+        return None
+    proj = getattr(embed, "proj", None)
     channels = getattr(proj, "in_channels", None)
     return int(channels) if isinstance(channels, int) else None
 
