@@ -39,6 +39,8 @@ def test_shell_completion_completes_options_and_choices() -> None:
     assert complete("vitattn hea", 1) == ["heatmap"]
     assert complete("vitattn heatmap --meth", 2) == ["--method"]
     assert complete("vitattn heatmap --method ", 3) == ["raw", "rollout", "grad-rollout"]
-    script = subprocess.run([sys.executable, "-m", "vitattn", "--show-completion", "bash"], env=ENV,
-                            capture_output=True, timeout=60)
+    # --show-completion detects the user's shell from the process tree: run it from bash (the "; true" keeps
+    # bash as the parent instead of exec-ing), whatever shell runs the tests (make uses sh)
+    shown = f"'{sys.executable}' -m vitattn --show-completion; true"
+    script = subprocess.run(["bash", "-c", shown], env=ENV, capture_output=True, timeout=60)
     assert script.returncode == 0 and b"_VITATTN_COMPLETE=complete_bash" in script.stdout
