@@ -35,6 +35,7 @@ from vitattn.records import (
     model_tag,
     picture_record,
     record_rest,
+    recorded_path,
     result_entry,
     result_files,
 )
@@ -616,15 +617,6 @@ def shrink(photo: Image.Image, box: Box, max_side: int, pixels: torch.Tensor | N
         small = photo.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
     sx, sy = small.width / w, small.height / h
     return small, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-
-
-def recorded_path(path: str) -> str:
-    """A path as meta.json records it (valid UTF-8: undecodable bytes become ``\\xNN`` escapes)."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return display_path(path)
-    return path
 
 
 def _names(entry: dict[str, Any]) -> set[str]:

@@ -184,7 +184,7 @@ def picture_record(settings: Settings, render: RenderOptions, fuse: HeadFusion) 
 def base_record(item: InputItem, loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
     """The JSON record's fields known before an input is processed."""
     return {
-        "input": display_path(item.path) if _undecodable(item.path) else item.path,
+        "input": recorded_path(item.path),
         "status": "ok",
         "model": loaded.spec,
         "block": settings.blocks[0],
@@ -195,12 +195,13 @@ def base_record(item: InputItem, loaded: LoadedModel, settings: Settings) -> dic
     }
 
 
-def _undecodable(path: str) -> bool:
+def recorded_path(path: str) -> str:
+    """A path as records and meta.json hold it (valid UTF-8: undecodable bytes become ``\\xNN`` escapes)."""
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
-        return True
-    return False
+        return display_path(path)
+    return path
 
 
 def record_rest(folder: Path, files: list[BlockFiles], method: Method, entries: list[dict[str, Any]]) -> dict[str, Any]:
